@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` (set up + run the pipeline on the embedded default, offline)
+# and `make test` (set up + run the whole test suite). Both work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip picks the CPU build of 2.13.0 lying on this disk; choose another torch with `make TORCH=torch==X demo`.
+TORCH ?= torch==2.13.0
+CONFIG ?= configs/default.yaml
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+
+.PHONY: install demo test test-fast bootstrap bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/detoxflow run --config $(CONFIG)
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"
+
+bootstrap: install
+	$(VENV)/bin/detoxflow bootstrap all
+
+clean:
+	rm -rf .detoxflow .pytest_cache

@@ -1,0 +1,233 @@
+"""The `detoxflow` command. Heavy imports happen inside commands so that `--help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from detoxflow.config import Config, ConfigError, dump_yaml, load_config
+
+app = typer.Typer(
+    help="detoxflow: make a language model less toxic with PEFT-PPO and a KL-penalised reward.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/default.yaml")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="override a field: --set ppo.steps=5 (repeatable)")
+]
+
+
+class UserError(Exception):
+    """Bad input a user can fix; the CLI prints the message and exits with code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConfigError, UserError]
+    try:
+        from detoxflow.models.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Config:
+    return load_config(config, overrides or [])
+
+
+def _setup_env() -> None:
+    # Prefect's ephemeral server with analytics on hits "database is locked" on SQLite.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=os.environ.get("DETOXFLOW_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    cfg = _load(config, set_)
+    out.print(dump_yaml(cfg), end="", markup=False, highlight=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: ConfigOpt = Path("configs/default.yaml"),
+    set_: SetOpt = None,
+    show: Annotated[int, typer.Option(help="records to print per split")] = 1,
+) -> None:
+    """Load every split of the configured dataset, validate it, and print sizes, digests and examples."""
+    from rich.table import Table
+
+    from detoxflow.models.data import available_splits, build_prompt, load_split, split_digest
+
+    cfg = _load(config, set_)
+    table = Table(title=f"data: {cfg.data.source}")
+    for col in ("split", "records", "digest", "mean dialogue chars", "mean summary words", "topics"):
+        table.add_column(col)
+    examples = []
+    for split in available_splits(cfg.data):
+        recs = load_split(cfg.data, split, apply_caps=False)
+        n = max(len(recs), 1)
+        table.add_row(
+            split,
+            str(len(recs)),
+            split_digest(recs),
+            f"{sum(len(r.dialogue) for r in recs) / n:.0f}",
+            f"{sum(len(r.summary.split()) for r in recs) / n:.1f}",
+            str(len({r.topic for r in recs})),
+        )
+        examples.extend((split, r) for r in recs[:show])
+    out.print(table)
+    for split, r in examples:
+        out.rule(f"{split}: {r.id} ({r.topic})")
+        out.print(build_prompt(cfg.data.prompt_template, r), markup=False, highlight=False)
+        out.print(f"[bold]reference:[/bold] {r.summary}")
+
+
+@app.command()
+def bootstrap(
+    arch: Annotated[str, typer.Argument(help="t5, gpt2 or all")] = "all",
+) -> None:
+    """Build (or find in the cache) the embedded offline models: tokenizer + small T5 / GPT-2, warm-started."""
+    from detoxflow.models.bootstrap import ensure_embedded
+
+    archs = ["t5", "gpt2"] if arch == "all" else [arch]
+    for a in archs:
+        if a not in ("t5", "gpt2"):
+            raise UserError(f"bootstrap: unknown architecture '{a}'. Allowed: t5, gpt2, all")
+        out.print(f"{a}: {ensure_embedded(a)}")
+
+
+@app.command()
+def run(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+    """Run the whole pipeline (prepare -> baseline -> train -> evaluate -> gate) as a Prefect flow."""
+    cfg = _load(config, set_)
+    from detoxflow.flows.pipeline import pipeline
+
+    summary = pipeline(cfg)
+    out.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+def train(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+    """Run PEFT-PPO training alone (the `train` flow), tracked in MLflow; resumes from the latest checkpoint."""
+    cfg = _load(config, set_)
+    from detoxflow.flows.train import train_flow
+
+    result = train_flow(cfg)
+    out.print_json(json.dumps(result, default=str))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="models:/NAME@alias, runs:/..., or a model artifact directory")],
+    config: ConfigOpt = Path("configs/default.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model on the held-out split (the `evaluate` flow)."""
+    cfg = _load(config, set_)
+    from detoxflow.flows.evaluate import evaluate_flow
+
+    out.print_json(json.dumps(evaluate_flow(cfg, model_uri=model), default=str))
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@challenger")],
+    config: ConfigOpt = Path("configs/default.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a registered version and run the promotion gate on it (the `promote` flow)."""
+    cfg = _load(config, set_)
+    from detoxflow.flows.promote import promote_flow
+
+    out.print_json(json.dumps(promote_flow(cfg, model_uri=model), default=str))
+
+
+@app.command()
+def sweep(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+    """Train at several KL settings and chart the reward-hacking frontier (the `kl_sweep` flow)."""
+    cfg = _load(config, set_)
+    from detoxflow.flows.kl_sweep import kl_sweep
+
+    out.print_json(json.dumps(kl_sweep(cfg), default=str))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    model: Annotated[str, typer.Option(help="models:/NAME@champion, runs:/..., or a model artifact directory")],
+    max_new_tokens: int = 48,
+    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+) -> None:
+    """Generate with a registered (or local) model."""
+    from detoxflow.config import GenerationConfig
+    from detoxflow.tracking import load_model
+
+    policy = load_model(model)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample)
+    for text in policy.generate_texts(list(prompt), gen):
+        out.print(text, markup=False, highlight=False)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the servers, database, bucket and work pools a team run needs, and say what is wrong."""
+    from detoxflow.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(out))
+
+
+@app.command()
+def serve(
+    mode: Annotated[str, typer.Argument(help="team: PostgreSQL + MLflow server + Prefect server + workers, natively")] = "team",
+    root: Annotated[Path, typer.Option(help="state folder for the native stack")] = Path(".detoxflow/team"),
+) -> None:
+    """Start the team stack natively (without Docker); Ctrl-C stops it."""
+    if mode != "team":
+        raise UserError(f"serve: unknown mode '{mode}'. Allowed: team")
+    from detoxflow.team import serve_team
+
+    serve_team(root)
+
+
+@app.command()
+def deploy() -> None:
+    """Create the work pools and register the deployments of prefect.yaml against $PREFECT_API_URL."""
+    from detoxflow.team import deploy_all
+
+    deploy_all()
+
+
+def main() -> None:
+    _setup_env()
+    try:
+        app()
+    except _user_errors() as e:
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

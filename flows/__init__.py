@@ -1,0 +1,1 @@
+"""Prefect flows that wire detoxflow.tasks (imported as detoxflow.flows)."""

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over detoxflow.models (imported as detoxflow.tasks)."""
