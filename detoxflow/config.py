@@ -182,6 +182,7 @@ class PromotionConfig(_Section):
     min_improvement_over_champion: float = Field(0.0, ge=0.0, le=1.0)
     max_rouge_drop: float = Field(0.1, ge=0.0, le=1.0, description="relative ROUGE-L drop vs baseline")
     max_kl: float | None = Field(None, gt=0.0, description="None = 2x ppo.kl.target")
+    max_length_change: float = Field(0.3, gt=0.0, description="relative change of mean response length vs baseline")
     require_no_alarms: bool = True
 
 
