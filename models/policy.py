@@ -1,0 +1,473 @@
+"""The policy: a base LM (seq2seq or causal) + a trainable LoRA adapter + a value head, behind one interface.
+
+The reference model of the KL penalty is the same module with the adapter disabled - the same weights in
+memory, never a second copy. A supervised (SFT) adapter, if configured, is merged into the base before the PPO
+adapter is added, so "adapter off" means "the SFT policy", which is what the KL must be measured against.
+
+Shapes (docs/architecture.md): ``query_ids / query_mask (B, Tq)``, ``response_ids / response_mask (B, Tr)``,
+``response_mask`` true on real response tokens up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
+from detoxflow.models.ppo import entropy_from_logits, logprobs_from_logits
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_META = "detoxflow.json"
+
+# LoRA targets when lora.target_modules is None: attention query/value projections, as in the LoRA paper.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "umt5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+}
+
+
+class PolicyError(RuntimeError):
+    """A model that cannot be used as a policy; the message names it and the fix."""
+
+
+def default_target_modules(base: nn.Module) -> list[str]:
+    """LoRA target modules for a base model: per model_type, else any q_proj/v_proj it has."""
+    model_type = getattr(base.config, "model_type", "")
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    if {"q_proj", "v_proj"} <= leaf_names:
+        return ["q_proj", "v_proj"]
+    raise PolicyError(
+        f"no default LoRA target modules for model_type '{model_type}'; set lora.target_modules to the names of "
+        f"its attention projections (e.g. ['q_proj', 'v_proj'])"
+    )
+
+
+def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``(B, Tr) -> (B, Tr)`` bool: true up to and including the first EOS of each row (all true if none)."""
+    is_eos = response_ids == eos_token_id
+    seen_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return seen_before == 0
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PolicyError("model.device is 'cuda' but no CUDA device is visible; set model.device=cpu or auto")
+    return torch.device(name)
+
+
+def _resolve_source(name_or_path: str) -> str:
+    """embedded:* -> the built directory (bootstrap, imported lazily: it is heavy); anything else unchanged."""
+    if name_or_path.startswith("embedded:"):
+        from detoxflow.models.bootstrap import resolve_model
+
+        return str(resolve_model(name_or_path))
+    return name_or_path
+
+
+def _disable_base_dropout(model: nn.Module) -> None:
+    """Zero every dropout except LoRA's: PPO ratios compare two forwards of the same policy, which must agree."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row (either side): ``(B, T) -> (B, T')``."""
+    keep = mask.bool().any(dim=0)
+    if bool(keep.all()):
+        return ids, mask
+    return ids[:, keep], mask[:, keep]
+
+
+@dataclass
+class Policy:
+    """Base LM + LoRA adapter "default" (trainable) + value head; see the module docstring."""
+
+    model: Any  # peft.PeftModel
+    value_head: nn.Linear
+    tokenizer: Any
+    is_seq2seq: bool
+    device: torch.device
+    base_source: dict[str, Any] = field(default_factory=dict)  # {"hub_id", "revision"} or {"local": dir}
+    sft_adapter: str | None = None
+    lora_settings: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig, lora_cfg: LoraSection) -> Policy:
+        """Build the policy from config: resolve the base, merge the SFT adapter if any, add a fresh LoRA adapter."""
+        from peft import LoraConfig, get_peft_model
+
+        if model_cfg.num_threads:
+            torch.set_num_threads(model_cfg.num_threads)
+        source = _resolve_source(model_cfg.name_or_path)
+        base, tokenizer, is_seq2seq, base_source = _load_base(source, model_cfg.revision, model_cfg.arch, model_cfg.dtype)
+        if model_cfg.sft_adapter:
+            base = _merge_sft(base, model_cfg.sft_adapter)
+        targets = lora_cfg.target_modules or default_target_modules(base)
+        lora = LoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=targets,
+            # GPT-2's c_attn is a Conv1D whose weight is stored transposed
+            fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",
+            task_type="SEQ_2_SEQ_LM" if is_seq2seq else "CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+        settings = {"r": lora_cfg.r, "alpha": lora_cfg.alpha, "dropout": lora_cfg.dropout, "target_modules": targets}
+        return cls._assemble(model, tokenizer, is_seq2seq, model_cfg.device, base_source, model_cfg.sft_adapter, settings, None)
+
+    @classmethod
+    def from_artifact(cls, path: str | os.PathLike[str], trainable: bool = False, device: str = "auto") -> Policy:
+        """Load a saved model artifact (see :meth:`save_artifact`)."""
+        from peft import PeftModel
+
+        root = Path(path)
+        meta_path = root / ARTIFACT_META
+        if not meta_path.is_file():
+            raise PolicyError(f"{root}: not a detoxflow model artifact (no {ARTIFACT_META}); pass the model/ folder")
+        meta = json.loads(meta_path.read_text())
+        base_info = meta["base"]
+        if "local" in base_info:
+            source, revision = str(root / base_info["local"]), None
+        else:
+            source, revision = base_info["hub_id"], base_info.get("revision")
+        arch = meta.get("arch", "auto")
+        base, _, is_seq2seq, _ = _load_base(source, revision, arch, meta.get("dtype", "float32"))
+        sft = root / "sft_adapter"
+        if sft.is_dir():
+            base = _merge_sft(base, str(sft))
+        model = PeftModel.from_pretrained(base, str(root / "adapter"), is_trainable=trainable)
+        tokenizer = _load_tokenizer(str(root / "tokenizer"), None, is_seq2seq)
+        value_state = torch.load(root / "value_head.pt", map_location="cpu", weights_only=True)
+        base_source = base_info if "local" not in base_info else {"local": str(root / base_info["local"])}
+        return cls._assemble(
+            model, tokenizer, is_seq2seq, device, base_source, str(sft) if sft.is_dir() else None,
+            meta.get("lora", {}), value_state,
+        )
+
+    @classmethod
+    def _assemble(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        is_seq2seq: bool,
+        device: str,
+        base_source: dict[str, Any],
+        sft_adapter: str | None,
+        lora_settings: dict[str, Any],
+        value_state: dict[str, torch.Tensor] | None,
+    ) -> Policy:
+        dev = _resolve_device(device)
+        _disable_base_dropout(model)
+        hidden = model.get_base_model().config.get_text_config(decoder=True).hidden_size
+        # zero init: the first value estimates are 0 instead of noise that the first advantages would inherit
+        value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+        if value_state is not None:
+            value_head.load_state_dict(value_state)
+        model.to(dev)
+        model.eval()
+        return cls(model, value_head.to(dev), tokenizer, is_seq2seq, dev, base_source, sft_adapter, lora_settings)
+
+    # ------------------------------------------------------------------------------------------ artifact
+
+    def save_artifact(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+        """Write the model artifact atomically: adapter/, value_head.pt, tokenizer/, base/ (local bases),
+        sft_adapter/ (if one was merged), detoxflow.json (arch, base, lora, plus ``extra``: config, metrics)."""
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            self.model.save_pretrained(str(tmp / "adapter"))
+            torch.save({k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}, tmp / "value_head.pt")
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            base_meta: dict[str, Any]
+            if "local" in self.base_source:
+                shutil.copytree(self.base_source["local"], tmp / "base", ignore=shutil.ignore_patterns(".*"))
+                base_meta = {"local": "base"}
+            else:
+                base_meta = {"hub_id": self.base_source["hub_id"], "revision": self.base_source.get("revision")}
+            if self.sft_adapter:
+                shutil.copytree(self.sft_adapter, tmp / "sft_adapter", ignore=shutil.ignore_patterns(".*"))
+            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            meta = {"arch": "seq2seq" if self.is_seq2seq else "causal", "base": base_meta, "dtype": dtype,
+                    "lora": self.lora_settings, **(extra or {})}
+            (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, default=str))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA weights and the value head: all that PPO updates (the base stays frozen)."""
+        return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        head = {k: v.detach().cpu().clone() for k, v in self.value_head.state_dict().items()}
+        return {"adapter": adapter, "value_head": head}
+
+    def load_trainable_state_dict(self, state: dict[str, Any]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state["adapter"])
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise PolicyError(f"checkpoint adapter does not fit this model: unexpected keys {unexpected[:3]}...")
+        self.value_head.load_state_dict(state["value_head"])
+
+    def set_train(self, mode: bool) -> None:
+        """Train mode only matters for LoRA dropout (base dropout is off, see _disable_base_dropout)."""
+        self.model.train(mode)
+
+    # ------------------------------------------------------------------------------------------ tokens
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def encode_queries(self, prompts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise prompts: ``-> query_ids (B, Tq), query_mask (B, Tq)``; right-padded for seq2seq, left for causal
+        (so that every causal row ends where its response starts)."""
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
+            return_token_type_ids=False,
+        )
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """``(B, Tr), (B, Tr) -> B`` strings, special tokens dropped."""
+        rows = [ids[m.bool()].tolist() for ids, m in zip(response_ids.cpu(), response_mask.cpu())]
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(
+        self, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_cfg: GenerationConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched generation with the KV cache and the adapter on: ``-> response_ids (B, Tr), response_mask (B, Tr)``.
+
+        Tokens after the first EOS are set to the pad id and masked out. No logits processor other than the
+        configured sampling ones runs (no repetition penalty, no n-gram blocking) because PPO's logprobs must be
+        those of the distribution the tokens were drawn from.
+        """
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=gen_cfg.max_new_tokens,
+            min_new_tokens=gen_cfg.min_new_tokens,
+            do_sample=gen_cfg.do_sample,
+            num_beams=1,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            use_cache=True,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        if gen_cfg.do_sample:
+            kwargs.update(top_k=gen_cfg.top_k, top_p=gen_cfg.top_p, temperature=gen_cfg.temperature)
+        if self.is_seq2seq:
+            kwargs["decoder_start_token_id"] = self._decoder_start_token_id
+        query_ids, query_mask = _trim(query_ids, query_mask)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
+        finally:
+            self.model.train(was_training)
+        # clone outside inference mode: inference tensors cannot be saved for a later backward pass
+        response = (out[:, 1:] if self.is_seq2seq else out[:, query_ids.shape[1] :]).clone()
+        mask = response_mask_from_eos(response, self.eos_token_id)
+        response = response.masked_fill(~mask, self.pad_token_id)
+        return response, mask
+
+    def generate_texts(
+        self, prompts: Sequence[str], gen_cfg: GenerationConfig, batch_size: int = 16, max_query_tokens: int = 512
+    ) -> list[str]:
+        """Prompts in, decoded responses out, in order; for evaluation and the CLI."""
+        texts: list[str] = []
+        for i in range(0, len(prompts), batch_size):
+            q, qm = self.encode_queries(prompts[i : i + batch_size], max_query_tokens)
+            r, rm = self.generate(q, qm, gen_cfg)
+            texts.extend(self.decode(r, rm))
+        return texts
+
+    @property
+    def _decoder_start_token_id(self) -> int:
+        cfg = self.model.get_base_model().config
+        start = getattr(cfg, "decoder_start_token_id", None)
+        if start is None:
+            start = self.pad_token_id
+        return int(start)
+
+    # ------------------------------------------------------------------------------------------ forwards
+
+    def _run(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        want_hidden: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """One forward: ``-> logits (B, Tr', V), last hidden state (B, Tr', H) or None, Tr'`` where position t
+        predicts response token t and Tr' <= Tr drops the columns that are padding in every row."""
+        query_ids, query_mask = _trim(query_ids, query_mask)
+        tr = int(response_mask.bool().any(dim=0).nonzero().max()) + 1 if bool(response_mask.any()) else 1
+        response_ids, response_mask = response_ids[:, :tr], response_mask[:, :tr].long()
+        if self.is_seq2seq:
+            start = torch.full_like(response_ids[:, :1], self._decoder_start_token_id)
+            out = self.model(
+                input_ids=query_ids,
+                attention_mask=query_mask,
+                decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
+                decoder_attention_mask=torch.cat([torch.ones_like(start), response_mask[:, :-1]], dim=1),
+                output_hidden_states=want_hidden,
+                use_cache=False,
+            )
+            hidden = out.decoder_hidden_states[-1] if want_hidden else None
+            return out.logits, hidden, tr
+        ids = torch.cat([query_ids, response_ids], dim=1)
+        mask = torch.cat([query_mask.long(), response_mask], dim=1)
+        # the same positions generate() used for left-padded rows (cumsum of the mask), or logprobs would drift
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        tq = query_ids.shape[1]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            output_hidden_states=want_hidden,
+            use_cache=False,
+            logits_to_keep=tr + 1,  # only the positions that predict response tokens go through the LM head
+        )
+        hidden = out.hidden_states[-1][:, tq - 1 : tq - 1 + tr] if want_hidden else None
+        return out.logits[:, :-1], hidden, tr
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        with_entropy: bool = True,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Adapter on: ``-> logprobs (B, Tr), values (B, Tr), entropy (B, Tr) or None``, all from ONE forward
+        (the value head reads the last hidden state of the decoder). Zero outside the response mask."""
+        logits, hidden, tr = self._run(query_ids, query_mask, response_ids, response_mask, want_hidden=True)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logprobs = logprobs_from_logits(logits, response_ids[:, :tr])
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+        full = response_ids.shape[1]
+        mask = response_mask.to(logprobs.dtype)
+        logprobs, values = _pad_to(logprobs, full) * mask, _pad_to(values, full) * mask
+        if entropy is not None:
+            entropy = _pad_to(entropy, full) * mask
+        return logprobs, values, entropy
+
+    def ref_logprobs(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Reference logprobs ``(B, Tr)``: the same model with the adapter disabled (the base, or the merged SFT
+        policy), no gradient."""
+        with torch.no_grad(), self.model.disable_adapter():
+            logits, _, tr = self._run(query_ids, query_mask, response_ids, response_mask, want_hidden=False)
+            if temperature != 1.0:
+                logits = logits / temperature
+            logprobs = logprobs_from_logits(logits, response_ids[:, :tr])
+        return _pad_to(logprobs, response_ids.shape[1]) * response_mask.to(logprobs.dtype)
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad ``(B, T')`` with zeros to ``(B, length)``."""
+    if x.shape[1] == length:
+        return x
+    return torch.nn.functional.pad(x, (0, length - x.shape[1]))
+
+
+def _load_tokenizer(source: str, revision: str | None, is_seq2seq: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": revision} if revision else {}
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tok.eos_token_id is None:
+        raise PolicyError(f"{source}: the tokenizer has no EOS token; responses could never end. Set eos_token.")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # causal LMs (GPT-2) ship without one; pads are masked anyway
+    tok.padding_side = "right" if is_seq2seq else "left"
+    # causal prompts end with the cue ("Summary:") the model continues from: cut long dialogues at the front
+    tok.truncation_side = "right" if is_seq2seq else "left"
+    return tok
+
+
+def _load_base(source: str, revision: str | None, arch: str, dtype: str) -> tuple[Any, Any, bool, dict[str, Any]]:
+    """-> (base model, tokenizer, is_seq2seq, base_source) for a local directory or a hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise PolicyError(
+            f"model.name_or_path '{source}': cannot load a model config ({e}). Use a local save_pretrained "
+            f"directory, 'embedded:t5' / 'embedded:gpt2', or a hub id with network access"
+        ) from None
+    is_seq2seq = bool(config.is_encoder_decoder) if arch == "auto" else arch == "seq2seq"
+    cls = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+    base = cls.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+    tokenizer = _load_tokenizer(source, revision, is_seq2seq)
+    local = Path(source).is_dir()
+    base_source = {"local": str(Path(source).resolve())} if local else {"hub_id": source, "revision": revision}
+    return base, tokenizer, is_seq2seq, base_source
+
+
+def _merge_sft(base: Any, adapter_path: str) -> Any:
+    """Fold a supervised LoRA adapter into the base weights, so that "adapter off" later means the SFT policy."""
+    from peft import PeftModel
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise PolicyError(f"model.sft_adapter '{adapter_path}': no adapter_config.json there; pass a peft adapter folder")
+    log.info("merging SFT adapter %s into the base", adapter_path)
+    return PeftModel.from_pretrained(base, adapter_path).merge_and_unload()

@@ -1,0 +1,221 @@
+"""Behaviour of the Policy on tiny random-weight T5 and GPT-2 models (fixture `tiny_models`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
+from detoxflow.models.policy import Policy, response_mask_from_eos
+
+ARCHS = ["t5", "gpt2"]
+PROMPTS = [
+    "the customer wants a refund",
+    "person one asks the manager about the friday meeting report because the order arrived late",
+    "thanks",
+]
+GEN = GenerationConfig(max_new_tokens=10, min_new_tokens=2, do_sample=True, top_k=0, top_p=1.0)
+
+
+def load(tiny_models: dict[str, Path], arch: str, **model_kw) -> Policy:
+    torch.manual_seed(0)
+    return Policy.load(ModelConfig(name_or_path=str(tiny_models[arch]), **model_kw), LoraSection(r=4, alpha=8))
+
+
+def randomise_lora(policy: Policy, seed: int = 1) -> None:
+    """LoRA B starts at zero (adapter = identity); give it weight so adapter on/off can differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        policy.value_head.weight.copy_(torch.randn(policy.value_head.weight.shape, generator=g))
+
+
+def rollout(policy: Policy, gen: GenerationConfig = GEN):
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    torch.manual_seed(3)
+    r, rm = policy.generate(q, qm, gen)
+    return q, qm, r, rm
+
+
+def test_response_mask_includes_first_eos_only() -> None:
+    ids = torch.tensor([[5, 6, 1, 7, 1], [1, 0, 0, 0, 0], [4, 4, 4, 4, 4]])
+    mask = response_mask_from_eos(ids, eos_token_id=1)
+    assert mask.tolist() == [[True, True, True, False, False], [True, False, False, False, False], [True] * 5]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_side_and_lora_targets(tiny_models, arch: str) -> None:
+    policy = load(tiny_models, arch)
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    short = qm[2]
+    if arch == "t5":
+        assert policy.is_seq2seq and short[0] == 1 and short[-1] == 0  # right padded
+        expected = {"q", "v"}
+    else:
+        assert not policy.is_seq2seq and short[0] == 0 and short[-1] == 1  # left padded
+        expected = {"c_attn"}
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in policy.model.named_parameters() if "lora_A" in n}
+    assert wrapped == expected
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_off_logits_equal_plain_base_model(tiny_models, arch: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = rollout(policy)
+    cls = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    plain = cls.from_pretrained(tiny_models[arch]).eval()
+    with torch.no_grad():
+        if arch == "t5":
+            start = torch.zeros_like(r[:, :1])
+            logits = plain(input_ids=q, attention_mask=qm, decoder_input_ids=torch.cat([start, r[:, :-1]], 1)).logits
+        else:
+            ids, mask = torch.cat([q, r], 1), torch.cat([qm, rm.long()], 1)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, q.shape[1] - 1 : -1]
+    expected = torch.log_softmax(logits, -1).gather(-1, r.unsqueeze(-1)).squeeze(-1) * rm
+    ref = policy.ref_logprobs(q, qm, r, rm)
+    torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        on, _, _ = policy.forward(q, qm, r, rm)
+    assert (on - ref).abs().max() > 1e-2  # the adapter does act when enabled
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kl_is_zero_before_first_update(tiny_models, arch: str) -> None:
+    policy = load(tiny_models, arch)
+    q, qm, r, rm = rollout(policy)
+    with torch.no_grad():
+        logprobs, values, entropy = policy.forward(q, qm, r, rm)
+    ref = policy.ref_logprobs(q, qm, r, rm)
+    assert torch.equal(logprobs, ref)
+    assert logprobs.shape == values.shape == entropy.shape == r.shape
+    assert torch.all(logprobs[rm] < 0) and torch.all(logprobs[~rm] == 0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_forward_equals_row_by_row(tiny_models, arch: str) -> None:
+    """Padding (left for causal, right for T5, and after EOS) must not change any row's logprobs or values."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = rollout(policy)
+    with torch.no_grad():
+        lp, v, _ = policy.forward(q, qm, r, rm)
+        for i, prompt in enumerate(PROMPTS):
+            qi, qmi = policy.encode_queries([prompt], 64)
+            n = int(rm[i].sum())
+            lpi, vi, _ = policy.forward(qi, qmi, r[i : i + 1, :n], rm[i : i + 1, :n])
+            torch.testing.assert_close(lp[i, :n], lpi[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v[i, :n], vi[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_is_argmax_of_forward(tiny_models, arch: str) -> None:
+    """The tokens generate() picks greedily are the argmax of the scoring forward: one model, same positions."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    greedy = GenerationConfig(max_new_tokens=8, min_new_tokens=0, do_sample=False)
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    r, rm = policy.generate(q, qm, greedy)
+    with torch.no_grad():
+        logits, _, tr = policy._run(q, qm, r, rm, want_hidden=False)
+    assert torch.equal(logits.argmax(-1)[rm[:, :tr]], r[:, :tr][rm[:, :tr]])
+    for i, prompt in enumerate(PROMPTS):  # batched (padded) greedy decoding == one prompt at a time
+        qi, qmi = policy.encode_queries([prompt], 64)
+        ri, rmi = policy.generate(qi, qmi, greedy)
+        assert torch.equal(ri[0][rmi[0]], r[i][rm[i]])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_min_new_tokens_guard_and_eos_in_mask(tiny_models, arch: str) -> None:
+    policy = load(tiny_models, arch)
+    eos = policy.eos_token_id
+    bias = torch.zeros(len(policy.tokenizer))
+    bias[eos] = 1e4  # make EOS the only likely token
+    head = policy.model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, inp, out: out + bias[: out.shape[-1]])
+    try:
+        q, qm = policy.encode_queries(PROMPTS, 64)
+        r, rm = policy.generate(q, qm, GenerationConfig(max_new_tokens=8, min_new_tokens=0))
+        assert rm.sum(1).tolist() == [1, 1, 1] and torch.all(r[:, 0] == eos)
+        r, rm = policy.generate(q, qm, GenerationConfig(max_new_tokens=8, min_new_tokens=3))
+        assert rm.sum(1).tolist() == [4, 4, 4]  # 3 forced tokens, then the EOS, which is part of the response
+        assert torch.all(r[:, 3] == eos) and torch.all(r[:, :3] != eos)
+        assert torch.all(r[~rm] == policy.pad_token_id)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sft_adapter_is_the_reference(tiny_models, arch: str, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cls = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    targets = ["q", "v"] if arch == "t5" else ["c_attn"]
+    torch.manual_seed(5)
+    sft = get_peft_model(cls.from_pretrained(tiny_models[arch]), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                           fan_in_fan_out=arch == "gpt2"))
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+
+    policy = load(tiny_models, arch, sft_adapter=str(tmp_path / "sft"))
+    q, qm, r, rm = rollout(policy)
+    ref = policy.ref_logprobs(q, qm, r, rm)
+    with torch.no_grad():
+        logprobs, _, _ = policy.forward(q, qm, r, rm)
+    torch.testing.assert_close(logprobs, ref)  # KL 0 against the SFT policy before any PPO update
+
+    plain_sft = PeftModel.from_pretrained(cls.from_pretrained(tiny_models[arch]), str(tmp_path / "sft")).eval()
+    bare = load(tiny_models, arch)
+    policy_as_sft = Policy(plain_sft, bare.value_head, bare.tokenizer, bare.is_seq2seq, bare.device)
+    with torch.no_grad():
+        sft_lp, _, _ = policy_as_sft.forward(q, qm, r, rm)
+    torch.testing.assert_close(ref, sft_lp, rtol=1e-5, atol=1e-5)
+    assert (bare.ref_logprobs(q, qm, r, rm) - ref).abs().max() > 1e-2  # and it is not the bare base
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_artifact_round_trip(tiny_models, arch: str, tmp_path: Path) -> None:
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = rollout(policy)
+    with torch.no_grad():
+        lp, v, _ = policy.forward(q, qm, r, rm)
+    out = policy.save_artifact(tmp_path / "model", extra={"metrics": {"toxicity": 0.1}})
+    for rel in ("adapter/adapter_config.json", "value_head.pt", "tokenizer", "base/config.json", "detoxflow.json"):
+        assert (out / rel).exists(), rel
+    meta = json.loads((out / "detoxflow.json").read_text())
+    assert meta["arch"] == ("seq2seq" if arch == "t5" else "causal")
+    assert meta["base"] == {"local": "base"} and meta["metrics"] == {"toxicity": 0.1}
+
+    loaded = Policy.from_artifact(out)
+    with torch.no_grad():
+        lp2, v2, _ = loaded.forward(q, qm, r, rm)
+    torch.testing.assert_close(lp2, lp)
+    torch.testing.assert_close(v2, v)
+    # saving over an existing artifact replaces it whole
+    policy.save_artifact(tmp_path / "model", extra={"metrics": {"toxicity": 0.2}})
+    assert json.loads((out / "detoxflow.json").read_text())["metrics"] == {"toxicity": 0.2}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    texts = loaded.generate_texts(PROMPTS, GenerationConfig(max_new_tokens=5, min_new_tokens=1, do_sample=False))
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_bad_model_path_names_the_field(tmp_path: Path) -> None:
+    from detoxflow.models.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="model.name_or_path"):
+        Policy.load(ModelConfig(name_or_path=str(tmp_path / "nope")), LoraSection())
