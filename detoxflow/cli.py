@@ -47,6 +47,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(DataError)
     except ImportError:
         pass
+    from detoxflow.team import TeamError
+
+    errors.append(TeamError)
     return tuple(errors)
 
 

@@ -1,0 +1,17 @@
+#!/bin/sh
+# A Prefect process worker for one work pool (DETOXFLOW_POOL: cpu or gpu). Flow runs start as subprocesses in
+# the project folder, with this environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, DETOXFLOW_LOCK_DB_URI).
+# Used by the worker-cpu / worker-gpu compose services and infra/native/systemd/detoxflow-worker@.service.
+set -eu
+
+: "${PREFECT_API_URL:?set PREFECT_API_URL, e.g. http://prefect-server:4200/api}"
+: "${DETOXFLOW_POOL:?set DETOXFLOW_POOL to the work pool to serve: cpu or gpu}"
+: "${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI, e.g. http://mlflow:5000}"
+
+# The worker creates its pool (type process) when it does not exist yet; `detoxflow deploy` does the same.
+exec prefect worker start \
+  --pool "$DETOXFLOW_POOL" \
+  --type process \
+  --name "${DETOXFLOW_WORKER_NAME:-${DETOXFLOW_POOL}-$(hostname)}" \
+  --install-policy never \
+  --with-healthcheck
