@@ -1,0 +1,320 @@
+"""Real servers for integration tests, started as processes on 127.0.0.1.
+
+Everything here is test infrastructure, reused by the MLflow, Prefect and PostgreSQL tests:
+
+- :func:`free_port` and :func:`wait_until` (poll a health check with a deadline),
+- :class:`ManagedProcess`: a context manager that starts a command in its own process group, writes its
+  output to a log file, waits until a health check passes (or fails fast with the log's tail when the process
+  dies), and tears the whole group down (SIGTERM, then SIGINT, then SIGKILL: a Prefect worker can ignore
+  SIGTERM after running flows),
+- :func:`start_mlflow_server` (SQLite or PostgreSQL backend, proxied artifacts) and :func:`start_postgres`
+  (a private PostgreSQL instance with trust auth, owned by the ``postgres`` user when we run as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """A test server did not come up; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (test-only, 127.0.0.1)
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.25, what: str = "condition") -> None:
+    """Poll ``check`` until it returns True; raise TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def _tail(path: Path, n_chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n_chars:]
+    except OSError:
+        return "<no log>"
+
+
+class ManagedProcess:
+    """A long-running command with a health check, used as a context manager.
+
+    ``with ManagedProcess(["prefect", "server", "start", ...], log_path=..., health=lambda: http_ok(url)) as p:``
+    starts the command in a new session (its own process group, so children such as uvicorn workers die with
+    it), waits until ``health()`` is True, and on exit stops the group. If the process exits before it is
+    healthy, :class:`ServerError` carries the last lines of its log.
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        *,
+        log_path: Path,
+        health: Callable[[], bool] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        ready_timeout: float = 120.0,
+        stop_timeout: float = 15.0,
+        name: str | None = None,
+    ) -> None:
+        self.cmd = [str(c) for c in cmd]
+        self.log_path = Path(log_path)
+        self.health = health
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.name = name or Path(self.cmd[0]).name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_seconds: float | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self._log = log
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env, cwd=self.cwd, start_new_session=True,
+        )
+        deadline = t0 + self.ready_timeout
+        while self.health is not None and not self.health():
+            if self.proc.poll() is not None:
+                self.stop()
+                raise ServerError(
+                    f"{self.name} exited with code {self.proc.returncode} before it was healthy. "
+                    f"Command: {' '.join(self.cmd)}\n--- log tail ({self.log_path}) ---\n{_tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.name} not healthy after {self.ready_timeout:.0f} s. Command: {' '.join(self.cmd)}\n"
+                    f"--- log tail ({self.log_path}) ---\n{_tail(self.log_path)}"
+                )
+            time.sleep(0.25)
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        return _tail(self.log_path, n_chars)
+
+    def stop(self) -> None:
+        """Stop the process group: SIGTERM, then SIGINT, then SIGKILL, each with a grace period."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            for sig, grace in ((signal.SIGTERM, self.stop_timeout), (signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Children that outlived the leader (e.g. a uvicorn worker) still sit in the group.
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+    def __enter__(self) -> ManagedProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------- MLflow
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    backend_uri: str
+    artifacts_dir: Path
+    process: ManagedProcess
+
+
+def mlflow_server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for an MLflow server: job execution off (else ~2.2 GB of job workers), no telemetry."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def migrated_sqlite_store(path: Path) -> Path:
+    """Create an empty MLflow SQLite store at ``path`` (schema migrated) to copy into tests and servers."""
+    code = "import mlflow, sys; mlflow.MlflowClient(sys.argv[1]).search_experiments()"
+    # a subprocess, so that the test process's global MLflow state (tracking URI, engines) is untouched
+    subprocess.run([sys.executable, "-c", code, f"sqlite:///{path}"], env=mlflow_server_env(), check=True,
+                   capture_output=True, timeout=300)
+    return path
+
+
+@contextlib.contextmanager
+def start_mlflow_server(
+    tmpdir: Path, backend_uri: str | None = None, *, port: int | None = None, ready_timeout: float = 120.0
+) -> Iterator[MlflowServer]:
+    """An ``mlflow server`` on 127.0.0.1 with proxied artifacts (``--serve-artifacts``) under ``tmpdir``.
+
+    backend_uri: None = SQLite in ``tmpdir/mlflow.db``; PostgreSQL needs ``postgresql+psycopg2://``.
+    Clients need only the URL: artifacts go through the server (``mlflow-artifacts:/`` URIs)."""
+    tmpdir = Path(tmpdir)
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    backend_uri = backend_uri or f"sqlite:///{tmpdir / 'mlflow.db'}"
+    artifacts = tmpdir / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend_uri,
+        "--serve-artifacts", "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    proc = ManagedProcess(
+        cmd, log_path=tmpdir / "mlflow-server.log", health=lambda: http_ok(f"{url}/health"),
+        env=mlflow_server_env(), cwd=tmpdir, ready_timeout=ready_timeout, name="mlflow server",
+    )
+    with proc:
+        yield MlflowServer(url=url, backend_uri=backend_uri, artifacts_dir=artifacts, process=proc)
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+
+def postgres_bin_dir() -> Path | None:
+    """The directory with initdb / pg_ctl (Debian keeps them out of PATH), or None if PostgreSQL is absent."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name, reverse=True)
+    for c in candidates:
+        if (c / "initdb").exists() and (c / "pg_ctl").exists():
+            return c
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def postgres_available() -> bool:
+    if postgres_bin_dir() is None:
+        return False
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return False
+    return True
+
+
+@dataclass
+class Postgres:
+    host: str
+    port: int
+    data_dir: Path
+    user: str = "postgres"
+
+    def uri(self, dbname: str = "postgres", driver: str | None = None) -> str:
+        """``postgresql://`` (libpq), or ``postgresql+psycopg2://`` / ``postgresql+asyncpg://`` with ``driver``."""
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{self.user}@{self.host}:{self.port}/{dbname}"
+
+    def create_database(self, name: str) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(self.uri())
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+
+
+def _run_as_postgres(args: Sequence[str], log: Path) -> None:
+    """Run a PostgreSQL tool, as the ``postgres`` user when we are root (initdb refuses to run as root)."""
+    cmd = " ".join(_shell_quote(a) for a in args)
+    full = ["su", "postgres", "-c", cmd] if os.geteuid() == 0 else ["sh", "-c", cmd]
+    with open(log, "ab") as fh:
+        res = subprocess.run(full, stdout=fh, stderr=subprocess.STDOUT, timeout=120, check=False)
+    if res.returncode != 0:
+        raise ServerError(f"{' '.join(args[:2])} failed with code {res.returncode}\n--- {log} ---\n{_tail(log)}")
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(str(s))
+
+
+@contextlib.contextmanager
+def start_postgres(tmpdir: Path | None = None, *, port: int | None = None) -> Iterator[Postgres]:
+    """A private PostgreSQL instance on 127.0.0.1 with trust auth; stopped and removed on exit.
+
+    The data directory lives in a fresh folder under /tmp (not ``tmpdir``: pytest's temp root is mode 0700 and
+    the ``postgres`` user could not enter it; the socket path must also stay short). ``tmpdir`` receives the log.
+    """
+    bindir = postgres_bin_dir()
+    if bindir is None:
+        raise ServerError("PostgreSQL binaries not found (looked in /usr/lib/postgresql/*/bin and PATH)")
+    root = Path(tempfile.mkdtemp(prefix="dfpg-"))
+    log = Path(tmpdir or root) / "postgres.log"
+    data = root / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chmod(root, 0o755)
+        for p in (root, data):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+    port = port or free_port()
+    _run_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                      "--auth-local=trust", "--auth-host=trust"], log)
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+    _run_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "server.log"),
+                      "-w", "-t", "60", "start"], log)
+    try:
+        yield Postgres(host="127.0.0.1", port=port, data_dir=data)
+    finally:
+        with contextlib.suppress(ServerError, subprocess.TimeoutExpired):
+            _run_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], log)
+        shutil.rmtree(root, ignore_errors=True)
