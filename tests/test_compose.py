@@ -116,7 +116,8 @@ def test_docker_compose_config_without_profile_leaves_out_the_gpu_worker(tmp_pat
 @pytest.mark.parametrize("secret", SECRETS)
 def test_docker_compose_refuses_to_start_without_each_secret(tmp_path: Path, secret: str) -> None:
     env = tmp_path / "missing.env"
-    env.write_text("\n".join(l for l in ENV_EXAMPLE.read_text().splitlines() if not l.startswith(f"{secret}=")))
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    env.write_text("\n".join(line for line in lines if not line.startswith(f"{secret}=")))
     res = run_compose_config(env, "config", "--quiet")
     assert res.returncode != 0
     assert secret in res.stderr and ".env" in res.stderr  # the message names the variable and where to set it
