@@ -130,6 +130,9 @@ def setup(cfg: Config) -> str:
 
     Idempotent and safe when several processes race to create the experiment."""
     uri = tracking_uri(cfg)
+    # MLflow writes "View run ... at: URL" to stdout after every run on a server; stdout is the CLI's JSON
+    # output, so the link goes to the log instead (parent_run logs it).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     with _setup_lock:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
@@ -294,8 +297,16 @@ def parent_run(
         rid = run.info.run_id
         _log_params(cli, rid, config_params(cfg))
         cli.log_text(rid, dump_yaml(cfg), "config.yaml")
-        log.info("MLflow run %s (%s) at %s", rid, run_name or cfg.name, mlflow.get_tracking_uri())
+        log.info("MLflow run %s (%s): %s", rid, run_name or cfg.name, run_url(rid, exp_id))
         yield rid
+
+
+def run_url(run_id: str, experiment_id: str) -> str:
+    """The run's page in the MLflow UI when the store is a server, else ``<tracking uri> run <id>``."""
+    uri = mlflow.get_tracking_uri()
+    if _is_server(uri):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{uri} run {run_id}"
 
 
 def find_child_run(parent_run_id: str, stage: str, *, unfinished_only: bool = True) -> str | None:
