@@ -147,6 +147,7 @@ class PPOConfig(_Section):
     target_approx_kl: float | None = Field(1.0, gt=0.0, description="stop the PPO epochs of a step when approx-KL exceeds it")
     kl: KLConfig = KLConfig()
     checkpoint_every: int = Field(5, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in <out>/checkpoints")
     num_generations: int = Field(2, ge=2, description="rloo/grpo: completions per prompt")
 
     @model_validator(mode="after")

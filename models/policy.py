@@ -394,7 +394,7 @@ class Policy:
             logits = logits / temperature
         logprobs = logprobs_from_logits(logits, response_ids[:, :tr])
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+        entropy = entropy_from_logits(logits) if with_entropy else None
         full = response_ids.shape[1]
         mask = response_mask.to(logprobs.dtype)
         logprobs, values = _pad_to(logprobs, full) * mask, _pad_to(values, full) * mask

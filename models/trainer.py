@@ -1,0 +1,464 @@
+"""PEFT-PPO training loop: rollout -> score -> KL-penalised rewards -> GAE -> PPO epochs -> KL control.
+
+:func:`train` reads top to bottom in the order of the algorithm (design.md section 4); the math lives in
+:mod:`detoxflow.models.ppo`, the model in :mod:`detoxflow.models.policy`. The trainer never imports a tracker:
+it calls ``log(metrics, step)`` once per step. Checkpoints (adapter, value head, optimizer, scheduler, KL
+controller, RNG states, history) are written atomically to ``out_dir/checkpoints/step-<n>`` and a later call
+resumes from the newest one and reaches the same weights an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detoxflow.config import Config, KLConfig
+from detoxflow.models import monitors
+from detoxflow.models import ppo as P
+from detoxflow.models.policy import Policy
+from detoxflow.models.reward import Scorer, scorer_input
+
+log_ = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, float], int], None]
+CHECKPOINT_FILE = "state.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite numbers, a checkpoint that does not fit); the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    artifact_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+def train(
+    cfg: Config,
+    policy: Policy,
+    scorer: Scorer,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    log: LogFn,
+    resume: bool = True,
+) -> TrainResult:
+    """Run ``cfg.ppo.steps`` PPO steps on ``prompts`` (templated queries); save the model to ``out_dir/model``."""
+    pc = cfg.ppo
+    if pc.backend != "ppo":
+        raise TrainingError(f"ppo.backend = '{pc.backend}': this trainer implements 'ppo'; set ppo.backend=ppo")
+    if not prompts:
+        raise TrainingError("train: no prompts; check data.train_split and data.max_train_samples")
+    out = Path(out_dir)
+    ckpt_root = out / "checkpoints"
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, weight_decay=0.0)
+    scheduler = _make_scheduler(optimizer, pc.lr_schedule, pc.warmup_steps, pc.steps)
+    kl_ctl = make_kl_controller(pc.kl)
+    fingerprint = run_fingerprint(cfg, prompts)
+    history: list[dict[str, float]] = []
+    start = 0
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    if not resume and ckpt_root.exists():
+        log_.warning("resume=False: removing the old checkpoints in %s", ckpt_root)
+        shutil.rmtree(ckpt_root)
+    if latest is not None:
+        start, history = load_checkpoint(latest, policy, optimizer, scheduler, kl_ctl, fingerprint)
+        log_.info("resuming from %s (step %d of %d)", latest, start, pc.steps)
+    else:
+        _seed_everything(cfg.seed)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=pc.steps, initial=min(start, pc.steps), desc="ppo", unit="step")
+    for step in range(start + 1, pc.steps + 1):
+        metrics = ppo_step(cfg, policy, scorer, prompts, step, optimizer, kl_ctl, latest)
+        scheduler.step()
+        history.append(metrics)
+        log(metrics, step)
+        if step % pc.checkpoint_every == 0 or step == pc.steps:
+            latest = save_checkpoint(ckpt_root, step, policy, optimizer, scheduler, kl_ctl, history, fingerprint,
+                                     pc.keep_checkpoints)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}",
+                        tox=f"{metrics['objective/toxicity']:.3f}")
+        bar.update()
+    bar.close()
+
+    extra = {"config": cfg.model_dump(mode="json"), "metrics": history[-1] if history else {},
+             "train": {"steps": pc.steps, "kl_coef": kl_ctl.value}}
+    artifact = policy.save_artifact(out / "model", extra=extra)
+    return TrainResult(steps=pc.steps, artifact_dir=artifact, history=history, checkpoint_dir=latest)
+
+
+def ppo_step(
+    cfg: Config,
+    policy: Policy,
+    scorer: Scorer,
+    prompts: Sequence[str],
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    kl_ctl: P.AdaptiveKLController | P.FixedKLController,
+    last_checkpoint: Path | None,
+) -> dict[str, float]:
+    """One PPO step (1-based ``step``); returns its metrics. Raises TrainingError on non-finite numbers."""
+    pc, gen = cfg.ppo, cfg.generation
+    t0 = time.perf_counter()
+    where = f"step {step}"
+    fix = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet")
+
+    # 1. sample a batch of prompts (a seeded pass over the prompts, without replacement within an epoch)
+    idx = batch_indices(len(prompts), pc.batch_size, step, cfg.seed)
+    batch_prompts = [prompts[i] for i in idx]
+    query_ids, query_mask = policy.encode_queries(batch_prompts, cfg.data.max_query_tokens)
+
+    # 2. generate responses with the current policy (adapter on, KV cache, no grad)
+    policy.set_train(False)
+    response_ids, response_mask = policy.generate(query_ids, query_mask, gen)
+    texts = policy.decode(response_ids, response_mask)
+    t_gen = time.perf_counter()
+
+    # 3. score the responses (the summary alone, or query + summary, per reward.input)
+    result = scorer.score(scorer_input(batch_prompts, texts, cfg.reward.input))
+    scores = result.scores.to(policy.device, torch.float32)
+    _check_finite(scores, f"{where}: scores from scorer '{getattr(scorer, 'name', scorer)}'", fix, texts)
+    if pc.score_clip is not None:
+        scores = scores.clamp(-pc.score_clip, pc.score_clip)
+
+    # 4. old logprobs + values (one forward, adapter on) and reference logprobs (one forward, adapter off)
+    with torch.no_grad():
+        old_logprobs, old_values, entropy = policy.forward(
+            query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature
+        )
+    ref_logprobs = policy.ref_logprobs(query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature)
+    _check_finite(old_logprobs, f"{where}: policy logprobs", fix)
+    _check_finite(ref_logprobs, f"{where}: reference logprobs", fix)
+    _check_finite(old_values, f"{where}: values", fix)
+    mask = response_mask
+    t_fwd = time.perf_counter()
+
+    # 5. per-token KL between policy and reference on the sampled tokens
+    kl_k1 = P.kl_k1(old_logprobs, ref_logprobs) * mask
+    kl_k3 = P.kl_k3(old_logprobs, ref_logprobs) * mask
+    kl = kl_k1 if pc.kl.estimator == "k1" else kl_k3
+
+    # 6. per-token rewards: -kl_coef * kl everywhere, score (minus the length guard) on the last real token
+    kl_coef = kl_ctl.value
+    lengths = mask.sum(dim=1)
+    ends_with_eos = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1) == policy.eos_token_id
+    missing = (gen.min_new_tokens - (lengths - ends_with_eos.long())).clamp(min=0)
+    reward_scores = scores - pc.length_penalty * missing.to(scores.dtype)
+    rewards = P.per_token_rewards(reward_scores, kl, kl_coef, mask)
+    if pc.whiten_rewards:
+        rewards = P.masked_whiten(rewards, mask, shift_mean=False)
+
+    # 7. advantages by GAE over the response tokens, whitened over the batch
+    advantages, returns = P.gae(rewards, old_values, mask, pc.gamma, pc.lam)
+    advantages = P.masked_whiten(advantages, mask)
+
+    # 8. PPO epochs over shuffled mini-batches, gradient accumulation, clipping; stop early if approx-KL runs away
+    update = ppo_update(cfg, policy, optimizer, step, query_ids, query_mask, response_ids, mask,
+                        old_logprobs, old_values, advantages, returns, where, fix)
+    t_upd = time.perf_counter()
+
+    # 9. adapt the KL coefficient to the KL this batch actually had (nats per sequence)
+    seq_kl = P.masked_sum(kl, mask, dim=1)
+    mean_kl = float(seq_kl.mean())
+    kl_ctl.update(mean_kl, pc.batch_size)
+
+    # 10. metrics: objective, policy, losses, value, reward-hacking monitors
+    stats = monitors.response_stats(texts, mask, ref_logprobs)
+    metrics = {
+        "objective/kl": float(P.masked_sum(kl_k1, mask, dim=1).mean()),
+        "objective/kl_k3": float(P.masked_sum(kl_k3, mask, dim=1).mean()),
+        "objective/entropy": float(P.masked_mean(entropy, mask)),
+        "objective/scores": float(scores.mean()),
+        "objective/scores_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        "objective/toxicity": float(result.toxicity.float().mean()),
+        "objective/rlhf_reward": float((scores - kl_coef * seq_kl).mean()),
+        "objective/kl_coef": kl_coef,
+        **update,
+        "val/returns": float(P.masked_mean(returns, mask)),
+        "env/response_length": float(lengths.float().mean()),
+        **{f"env/{k}": float(v) for k, v in stats.items()},
+        "env/length_penalty_rows": float((missing > 0).float().mean()),
+        "policy/lr": optimizer.param_groups[0]["lr"],
+        "time/generate_s": t_gen - t0,
+        "time/forward_s": t_fwd - t_gen,
+        "time/update_s": t_upd - t_fwd,
+        "time/step_s": time.perf_counter() - t0,
+    }
+    return metrics
+
+
+def ppo_update(
+    cfg: Config,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    where: str,
+    fix: str,
+) -> dict[str, float]:
+    """``ppo_epochs`` passes over the batch ``(B, ...)`` in shuffled mini-batches; one optimizer step per
+    mini-batch, accumulated over ``gradient_accumulation_steps`` micro-batches. Returns mean statistics."""
+    pc = cfg.ppo
+    b = response_ids.shape[0]
+    micro = pc.mini_batch_size // pc.gradient_accumulation_steps
+    params = policy.trainable_parameters()
+    sums: dict[str, float] = {}
+    n_micro, n_updates, early_stop = 0, 0, False
+    policy.set_train(True)
+    try:
+        for epoch in range(pc.ppo_epochs):
+            # a generator of its own: mini-batch order must not depend on how much sampling happened before
+            g = torch.Generator().manual_seed(_mix(cfg.seed, step, epoch))
+            order = torch.randperm(b, generator=g).to(response_ids.device)
+            for mb_start in range(0, b, pc.mini_batch_size):
+                mb = order[mb_start : mb_start + pc.mini_batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                mb_kl = 0.0
+                for mc in mb.split(micro):
+                    logprobs, values, entropy = policy.forward(
+                        query_ids[mc], query_mask[mc], response_ids[mc], response_mask[mc],
+                        with_entropy=pc.ent_coef > 0, temperature=cfg.generation.temperature,
+                    )
+                    m = response_mask[mc]
+                    pg_loss, pg = P.ppo_policy_loss(logprobs, old_logprobs[mc], advantages[mc], m, pc.cliprange)
+                    vf_loss, vf = P.clipped_value_loss(values, old_values[mc], returns[mc], m, pc.cliprange_value)
+                    loss = pg_loss + pc.vf_coef * vf_loss
+                    if entropy is not None:
+                        loss = loss - pc.ent_coef * P.masked_mean(entropy, m)
+                    _check_finite(loss.detach(), f"{where}: PPO loss (epoch {epoch + 1})", fix)
+                    (loss / pc.gradient_accumulation_steps).backward()
+                    for k, v in (("policy/approxkl", pg["approxkl"]), ("policy/clipfrac", pg["clipfrac"]),
+                                 ("policy/ratio", pg["ratio"]), ("loss/policy", pg_loss), ("loss/value", vf_loss),
+                                 ("loss/total", loss), ("val/vpred", vf["vpred"]), ("val/clipfrac", vf["clipfrac"])):
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    mb_kl += float(pg["approxkl"]) / pc.gradient_accumulation_steps
+                    n_micro += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, pc.max_grad_norm)
+                sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + float(grad_norm)
+                optimizer.step()
+                n_updates += 1
+                if pc.target_approx_kl is not None and mb_kl > pc.target_approx_kl:
+                    log_.warning("%s: approx-KL %.3f > %.3f, stopping this step's PPO epochs early",
+                                 where, mb_kl, pc.target_approx_kl)
+                    early_stop = True
+                    break
+            if early_stop:
+                break
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        policy.set_train(False)
+    stats = {k: v / (n_updates if k == "policy/grad_norm" else n_micro) for k, v in sums.items()}
+    stats["policy/updates"] = float(n_updates)
+    stats["policy/early_stop"] = float(early_stop)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def make_kl_controller(kl: KLConfig) -> P.AdaptiveKLController | P.FixedKLController:
+    if kl.mode == "adaptive":
+        return P.AdaptiveKLController(kl.init_coef, kl.target, kl.horizon)
+    return P.FixedKLController(kl.init_coef)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Prompt indices of 1-based ``step``: consecutive slices of a stream of seeded per-epoch permutations, so
+    every prompt is seen once per epoch and the batch depends only on (n, batch_size, step, seed)."""
+    out: list[int] = []
+    pos = (step - 1) * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset : offset + take].tolist())
+        pos += take
+    return out
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from several integers (plain sums would make (seed 1, step 2) equal (seed 2, step 1))."""
+    h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_finite(x: torch.Tensor, what: str, fix: str, texts: Sequence[str] | None = None) -> None:
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if x.dim() else [0]
+    example = f"; first bad response: {texts[rows[0]]!r}" if texts else ""
+    raise TrainingError(
+        f"{what} are not finite (NaN/inf in rows {rows[:8]}){example}. Training stopped; {fix}. "
+        f"Lower ppo.learning_rate, check the reward model, then rerun to resume from it."
+    )
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):  # -> LRScheduler
+    """One scheduler step per PPO step: warmup then constant, linear decay to 0, or cosine to 0."""
+
+    def factor(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (i - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # numpy is optional for the trainer itself
+        pass
+
+
+def run_fingerprint(cfg: Config, prompts: Sequence[str]) -> str:
+    """What a checkpoint must agree with to be resumed: model, adapter, reward, sampling, PPO settings, prompts.
+    Step count and checkpoint cadence may change between runs (to extend a run)."""
+    dump = cfg.model_dump(mode="json")
+    ppo = {k: v for k, v in dump["ppo"].items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
+    payload = {s: dump[s] for s in ("model", "lora", "reward", "generation")} | {"ppo": ppo, "seed": cfg.seed}
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
+    for p in prompts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (temporary folders are never complete)."""
+    if not root.is_dir():
+        return None
+    found = [(int(p.name.split("-", 1)[1]), p) for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / CHECKPOINT_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    kl_ctl: P.AdaptiveKLController | P.FixedKLController,
+    history: list[dict[str, float]],
+    fingerprint: str,
+    keep: int,
+) -> Path:
+    """Write ``root/step-<step>`` atomically (temp folder + rename), then drop all but the ``keep`` newest."""
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
+    try:
+        state = {
+            "step": step,
+            "fingerprint": fingerprint,
+            "trainable": policy.trainable_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "kl_controller": kl_ctl.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+        }
+        torch.save(state, tmp / CHECKPOINT_FILE)
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "metrics": history[-1] if history else {}}, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name[:5] == "step-" and p.name[5:].isdigit())
+    for _, old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log_.info("checkpoint %s", dest)
+    return dest
+
+
+def load_checkpoint(
+    path: Path,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    kl_ctl: P.AdaptiveKLController | P.FixedKLController,
+    fingerprint: str,
+) -> tuple[int, list[dict[str, float]]]:
+    """Restore everything :func:`save_checkpoint` wrote; returns (step, history)."""
+    state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        raise TrainingError(
+            f"{path}: this checkpoint was written with other model/lora/reward/generation/ppo settings or prompts; "
+            f"resume with the same config, or start over with resume=False or a new output folder"
+        )
+    policy.load_trainable_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl_ctl.load_state_dict(state["kl_controller"])
+    _set_rng_state(state["rng"])
+    return int(state["step"]), list(state["history"])
