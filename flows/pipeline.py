@@ -1,0 +1,70 @@
+"""The ``pipeline`` flow: prepare_data -> score_baseline -> train -> evaluate_aligned -> register -> gate.
+
+One MLflow parent run, a child run per stage. Locally every stage runs in this process; with
+``orchestration.mode: team`` training runs as the ``train/train-gpu`` deployment on the gpu pool and this
+flow waits for it. Any failed stage raises, which fails the flow run before anything is registered.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+
+from detoxflow import tracking
+from detoxflow.config import Config
+from detoxflow.flows.common import prepare_and_baseline
+from detoxflow.flows.train import train_flow
+from detoxflow.tasks.evaluation import evaluate_aligned
+from detoxflow.tasks.registry import gate_and_promote, register_model
+from detoxflow.tasks.reporting import build_summary, publish_summary
+from detoxflow.tasks.stages import Stage
+from detoxflow.tasks.training import TAG_FLOW_RUN, run_train_deployment
+
+
+@flow(name="pipeline", description="Detoxify a language model: baseline, PEFT-PPO, evaluation, promotion gate.")
+def pipeline(cfg: Config) -> dict[str, Any]:
+    """Run every stage for ``cfg``; returns a summary (toxicity before/after, decision, version, timings)."""
+    log = get_run_logger()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    cached: dict[str, bool] = {}
+    experiment_id = tracking.setup(cfg)
+    tags = {TAG_FLOW_RUN: str(flow_run.id or "")}
+    with tracking.parent_run(cfg, run_name=cfg.name, tags=tags) as parent_id:
+        data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
+
+        team = cfg.orchestration.mode == "team"
+        with Stage("train", cfg, parent_id, timings, cached, open_run=False):
+            if team:
+                train = run_train_deployment(cfg, parent_id, data["train_digest"])
+            else:
+                train = train_flow(cfg, parent_run_id=parent_id, expected_train_digest=data["train_digest"])
+
+        with Stage("evaluate", cfg, parent_id, timings, cached) as st:
+            evaluation = st.call(evaluate_aligned, cfg, data, train["model_uri"], baseline, run_id=st.run_id)
+
+        with Stage("register", cfg, parent_id, timings, cached, open_run=False) as st:
+            registered = st.call(register_model, cfg, train["run_id"], evaluation, train)
+
+        with Stage("gate", cfg, parent_id, timings, cached) as st:
+            gate = st.call(gate_and_promote, cfg, registered["version"], evaluation, baseline, train, data)
+            tracking.set_tags({"promotion.decision": gate["decision"], "detoxflow.model_version": registered["version"]},
+                              run_id=st.run_id)
+
+        timings["total"] = round(time.perf_counter() - t_start, 2)
+        summary = build_summary(
+            cfg, data=data, baseline=baseline, train=train, evaluation=evaluation, registered=registered, gate=gate,
+            timings=timings, cached=cached, mode="team" if team else "local",
+            mlflow_info={"tracking_uri": tracking.tracking_uri(cfg), "experiment_id": experiment_id,
+                         "parent_run_id": parent_id, "train_run_id": train["run_id"]},
+        )
+        tracking.log_json(summary, "summary.json", run_id=parent_id)
+        tracking.log_metrics({f"time/{k}_s": v for k, v in timings.items()}, run_id=parent_id)
+    publish_summary(summary, baseline["metrics"], evaluation["metrics"])
+    log.info("%s", summary["headline"])
+    return summary
+

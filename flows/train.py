@@ -1,0 +1,39 @@
+"""The ``train`` flow: PEFT-PPO training alone, so a team can deploy it to the ``gpu`` work pool.
+
+Called three ways: in-process by the pipeline (local mode), by the pipeline through ``run_deployment``
+(team mode: it then runs on a gpu worker, possibly another machine, and reports back through MLflow), or
+standalone (``detoxflow train``, or the ``train/train-gpu`` deployment with a config).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from detoxflow import tracking
+from detoxflow.config import Config
+from detoxflow.tasks.training import RESULT_ARTIFACT, TAG_FLOW_RUN, train_ppo
+
+
+@flow(name="train", description="PEFT-PPO training with a KL-penalised reward; logs to MLflow, returns the model URI.")
+def train_flow(cfg: Config, parent_run_id: str | None = None, expected_train_digest: str | None = None) -> dict[str, Any]:
+    """Train and log the model to MLflow; returns small values (run id, ``runs:/`` model URI, summary).
+
+    ``parent_run_id``: the pipeline's MLflow run; training then logs to a ``train`` child run of it (resuming
+    an unfinished one on retry), and its checkpoints are keyed by the pipeline run. Without it, training gets
+    its own top-level run. ``expected_train_digest``: the digest the pipeline's ``prepare_data`` computed;
+    a worker whose data differs fails instead of training on other prompts."""
+    tracking.setup(cfg)
+    prefect_run = str(flow_run.id) if flow_run.id else ""
+    tags = {TAG_FLOW_RUN: prefect_run}
+    if parent_run_id:
+        ctx = tracking.child_run("train", parent_run_id, cfg=cfg, tags=tags)
+    else:
+        ctx = tracking.parent_run(cfg, run_name=f"{cfg.name}-train", tags={tracking.TAG_STAGE: "train", **tags})
+    with ctx as run_id:
+        result = train_ppo(cfg, run_id, parent_run_id or run_id, expected_train_digest)
+        # Team mode: the pipeline on another machine reads this back (Prefect results may not be shared).
+        tracking.log_json(result, RESULT_ARTIFACT, run_id=run_id)
+    return result

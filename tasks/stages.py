@@ -1,0 +1,95 @@
+"""One pipeline stage: an MLflow child run, a wall-clock timing, and the task's Prefect state (cached or not).
+
+Flows wrap each task call in ``with Stage(...) as st: value = st.call(task, ...)``. The task is called with
+``return_state=True`` so the flow sees whether Prefect served it from the cache (state name ``Cached``); a
+failed task raises its exception here, which fails the flow run (nothing after it runs, nothing registers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from prefect import Task
+from prefect.logging import get_run_logger
+
+from detoxflow import tracking
+from detoxflow.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+class Stage:
+    """Context manager around one stage; records ``timings[name]`` and ``cached[name]`` on exit.
+
+    ``parent_run_id``: the pipeline's MLflow run; with ``open_run=True`` a child run tagged with the stage
+    name is opened and its id is ``self.run_id`` (pass it to the task). A stage that runs elsewhere (team-mode
+    training opens its own child run on the gpu worker) uses ``open_run=False``."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: Config,
+        parent_run_id: str | None,
+        timings: dict[str, float],
+        cached: dict[str, bool],
+        *,
+        open_run: bool = True,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.parent_run_id = parent_run_id
+        self.timings = timings
+        self.cached = cached
+        self.open_run = open_run and parent_run_id is not None
+        self.run_id: str | None = None
+        self.was_cached = False
+        self._stack = contextlib.ExitStack()
+        self._t0 = 0.0
+
+    def __enter__(self) -> Stage:
+        self._t0 = time.perf_counter()
+        if self.open_run:
+            self.run_id = self._stack.enter_context(tracking.child_run(self.name, self.parent_run_id, cfg=self.cfg))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        seconds = time.perf_counter() - self._t0
+        self.timings[self.name] = round(seconds, 2)
+        self.cached[self.name] = self.was_cached
+        try:
+            if self.run_id is not None and exc is None:
+                tracking.log_metrics({"stage/seconds": seconds}, run_id=self.run_id)
+                tracking.set_tags({"detoxflow.cached": str(self.was_cached).lower()}, run_id=self.run_id)
+        finally:
+            # closes the child run: FINISHED, or FAILED when the stage raised
+            self._stack.__exit__(exc_type, exc, tb)
+        status = "failed" if exc is not None else ("cache hit" if self.was_cached else "done")
+        get_run_logger().info("stage %s: %s in %.1f s", self.name, status, seconds)
+
+    def call(
+        self,
+        task: Task[..., Any],
+        *args: Any,
+        still_valid: Callable[[Any], bool] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``task`` and return its result; note (and log) a cache hit.
+
+        ``still_valid(result)``: for cached tasks whose result points at files; when it returns False for a
+        cached result (the files were deleted), the task is run again with ``refresh_cache=True``."""
+        log = get_run_logger()
+        state = task(*args, return_state=True, **kwargs)
+        result = state.result()  # raises the task's exception when it failed
+        if state.name == "Cached":
+            if still_valid is not None and not still_valid(result):
+                log.warning("%s: cached result points at missing files; recomputing", task.name)
+                state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+                return state.result()
+            self.was_cached = True
+            log.info("%s: cache hit, skipped (same config sections, data digest and task source)", task.name)
+        return result

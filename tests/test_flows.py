@@ -1,0 +1,292 @@
+"""The Prefect flows end to end on tiny random-weight models, under one session-wide Prefect test API.
+
+What a user relies on:
+- the pipeline runs prepare -> baseline -> train -> evaluate -> register -> gate in that order, under one MLflow
+  parent run with a child run per stage, and the values handed between stages are the right ones (the split
+  the model was evaluated on is the split prepare_data digested; the registered version is the trained run's
+  artifact; the gate's decision is on the version);
+- a rerun in a new process with the same inputs skips prepare_data and score_baseline (Prefect state Cached,
+  and a log line says so); a change of the held-out data recomputes them;
+- a training stage that fails (NaN) fails the flow run and registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detoxflow.config import Config, load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "data"
+STAGES = ["prepare", "baseline", "train", "evaluate", "gate"]
+
+
+def write_split(src: Path, dest: Path, n: int) -> None:
+    """The first n records of a shipped corpus split (the project's own text) as a split file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with src.open(encoding="utf-8") as fh:
+        lines = [next(fh) for _ in range(n)]
+    dest.write_text("".join(lines), encoding="utf-8")
+
+
+def tiny_config(root: Path, model_dir: Path, name: str, *overrides: str) -> Config:
+    return load_config(None, [
+        f"name={name}", f"work_dir={root / 'work'}",
+        f"data.source={root / 'data'}", "data.max_eval_samples=4",
+        f"model.name_or_path={model_dir}", "model.num_threads=1", "model.device=cpu",
+        "lora.r=4", "lora.alpha=8",
+        "generation.max_new_tokens=6", "generation.min_new_tokens=1",
+        "ppo.steps=1", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+        "eval.k_samples=2", "eval.batch_size=8", "eval.bootstrap_samples=100", "eval.n_table_samples=3",
+        f"tracking.uri=sqlite:///{root / 'work' / 'mlflow.db'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_models) -> dict[str, Any]:
+    """A tiny dataset folder (12 train / 4 test records) and a tiny T5 config; one cold pipeline run."""
+    from detoxflow.flows.pipeline import pipeline
+
+    if not (CORPUS / "train.jsonl").is_file():
+        pytest.skip("the shipped corpus data/*.jsonl is missing")
+    root = tmp_path_factory.mktemp("flows")
+    write_split(CORPUS / "train.jsonl", root / "data" / "train.jsonl", 12)
+    write_split(CORPUS / "test.jsonl", root / "data" / "test.jsonl", 4)
+    cfg = tiny_config(root, tiny_models["t5"], "tiny")
+    state = pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    return {"root": root, "cfg": cfg, "state": state, "summary": state.result(), "model_dir": tiny_models["t5"]}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def mlflow_client(cfg: Config):
+    from detoxflow import tracking
+
+    tracking.setup(cfg)
+    return tracking.client()
+
+
+def child_runs(cfg: Config, parent_run_id: str) -> list[Any]:
+    cli = mlflow_client(cfg)
+    exp = cli.get_run(parent_run_id).info.experiment_id
+    runs = cli.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def task_runs(flow_run_id: Any) -> list[Any]:
+    """Task runs of one flow run, oldest first (through the same API the flows used)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+        )
+    return sorted(runs, key=lambda r: r.start_time or r.expected_start_time)
+
+
+def flow_run_logs(flow_run_id: Any) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [entry.message for entry in logs]
+
+
+def subflow_runs(parent_flow_run_id: Any) -> list[Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id]))
+        )
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_stages_run_in_order_and_hand_over_the_right_values(project):
+    from detoxflow import tracking
+    from detoxflow.models.data import load_split, split_digest
+
+    cfg, summary = project["cfg"], project["summary"]
+    flow_run_id = project["state"].state_details.flow_run_id
+
+    # Prefect: the pipeline's own tasks in stage order, training as a subflow (a "train" run in the parent)
+    names = [t.name.rsplit("-", 1)[0] for t in task_runs(flow_run_id)]
+    assert names == ["prepare_data", "score_baseline", "train", "evaluate_aligned", "register_model", "gate_and_promote"]
+    subflows = subflow_runs(flow_run_id)
+    assert [f.state.is_completed() for f in subflows] == [True]
+    assert [t.name.rsplit("-", 1)[0] for t in task_runs(subflows[0].id)] == ["train_ppo"]
+
+    # MLflow: one child run per stage, in order, under the pipeline's parent run
+    parent = summary["mlflow"]["parent_run_id"]
+    children = child_runs(cfg, parent)
+    assert [r.data.tags[tracking.TAG_STAGE] for r in children] == STAGES
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    # prepare -> everything: the held-out split the metrics were measured on is the one prepare_data digested
+    expected_eval = split_digest(load_split(cfg.data, cfg.data.eval_split))
+    expected_train = split_digest(load_split(cfg.data, cfg.data.train_split))
+    assert summary["eval_digest"] == expected_eval and summary["train_digest"] == expected_train
+    by_stage = {r.data.tags[tracking.TAG_STAGE]: r for r in children}
+    for stage in ("baseline", "evaluate"):
+        assert by_stage[stage].data.tags["detoxflow.split_digest"] == expected_eval
+    assert summary["n_eval"] == 4 and summary["n_train"] == 12
+
+    # train -> register: the version is the training run's model artifact, alias challenger
+    train_run = by_stage["train"]
+    assert summary["mlflow"]["train_run_id"] == train_run.info.run_id
+    version = tracking.get_version(cfg.registered_model_name, summary["version"])
+    assert version.run_id == train_run.info.run_id and version.source.endswith("/model")
+    assert version.split_digest == expected_eval
+    assert tracking.get_alias(cfg.registered_model_name, tracking.CHALLENGER).version == summary["version"]
+
+    # evaluate -> gate: the decision and every reason land on the version
+    assert version.tags["promotion.decision"] == ("promote" if summary["decision"] == "promoted" else "reject")
+    assert version.tags["promotion.reasons"].splitlines() == summary["reasons"]
+    assert len(summary["reasons"]) == 6
+    champion = tracking.get_alias(cfg.registered_model_name, tracking.CHAMPION)
+    assert (champion is not None and champion.version == summary["version"]) == (summary["decision"] == "promoted")
+
+    # metrics the summary reports are the ones logged by the stages
+    assert by_stage["baseline"].data.metrics["eval/toxicity_mean"] == pytest.approx(summary["toxicity_before"])
+    assert by_stage["evaluate"].data.metrics["eval/toxicity_mean"] == pytest.approx(summary["toxicity_after"])
+    assert set(summary["timings"]) == {*STAGES, "register", "total"}
+    assert not any(summary["cached"].values())
+
+
+def test_artifacts_summary_samples_and_progress(project):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = project["summary"]
+
+    def latest(key: str):
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        assert found, f"no artifact {key}"
+        return max(found, key=lambda a: a.created)
+
+    md = latest("detoxflow-summary-tiny")
+    assert md.type == "markdown"
+    assert f"{summary['toxicity_before']:.4f}" in md.data and f"{summary['toxicity_after']:.4f}" in md.data
+    assert summary["mlflow"]["parent_run_id"] in md.data and f"## Gate: **{summary['decision']}**" in md.data
+    table = latest("detoxflow-samples-tiny")
+    rows = json.loads(table.data)
+    assert len(rows) == 3 and {"response_before", "response_after", "toxicity_before", "toxicity_after"} <= set(rows[0])
+    progress = latest("detoxflow-train-progress-tiny")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+
+
+def test_rerun_in_a_new_process_skips_prepare_and_baseline(project):
+    """Same config, a new Python process (same API): the two cacheable stages come from the cache."""
+    from prefect.settings import PREFECT_API_URL
+
+    cfg: Config = project["cfg"]
+    script = (
+        "import json, sys\n"
+        "from detoxflow.config import Config\n"
+        "from detoxflow.flows.pipeline import pipeline\n"
+        "state = pipeline(Config.model_validate_json(sys.stdin.read()), return_state=True)\n"
+        "print('SUMMARY' + json.dumps({'ok': state.is_completed(), 'id': str(state.state_details.flow_run_id),"
+        " 'summary': state.result() if state.is_completed() else None}))\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "INFO"}
+    proc = subprocess.run([sys.executable, "-c", script], input=cfg.model_dump_json(), env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("SUMMARY", 1)[1])
+    assert out["ok"]
+    summary = out["summary"]
+    assert summary["cached"] == {"prepare": True, "baseline": True, "train": False, "evaluate": False,
+                                 "register": False, "gate": False}
+    # the cached values are the first run's
+    first = project["summary"]
+    assert summary["eval_digest"] == first["eval_digest"]
+    assert summary["toxicity_before"] == pytest.approx(first["toxicity_before"])
+    assert int(summary["version"]) == int(first["version"]) + 1
+    # Prefect's own record: Cached states, and the log line saying the stage was skipped
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs(out["id"])}
+    assert states["prepare_data"] == "Cached" and states["score_baseline"] == "Cached"
+    assert states["evaluate_aligned"] == "Completed"
+    logs = flow_run_logs(out["id"])
+    assert any("prepare_data: cache hit, skipped" in m for m in logs)
+    assert any("score_baseline: cache hit, skipped" in m for m in logs)
+
+
+def test_changed_eval_data_recomputes_prepare_and_baseline(project):
+    """Same config and path, one edited held-out record: the content digest changes, both stages run again."""
+    from detoxflow.flows.pipeline import pipeline
+
+    cfg: Config = project["cfg"]
+    test_file = project["root"] / "data" / "test.jsonl"
+    original = test_file.read_text()
+    rows = [json.loads(line) for line in original.splitlines()]
+    rows[0]["summary"] = rows[0]["summary"] + " (edited)"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        state = pipeline(cfg, return_state=True)
+    finally:
+        test_file.write_text(original)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["cached"]["prepare"] is False and summary["cached"]["baseline"] is False
+    assert summary["eval_digest"] != project["summary"]["eval_digest"]
+    assert summary["train_digest"] == project["summary"]["train_digest"]
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs(state.state_details.flow_run_id)}
+    assert states["prepare_data"] == "Completed" and states["score_baseline"] == "Completed"
+
+
+def test_failed_training_fails_the_flow_and_registers_nothing(project, monkeypatch):
+    """NaN policy logprobs during PPO: the trainer raises, the flow run fails, the registry stays empty."""
+    import torch
+
+    from detoxflow import tracking
+    from detoxflow.flows.pipeline import pipeline
+    from detoxflow.models.policy import Policy
+
+    original = Policy.forward
+
+    def nan_forward(self, *args, **kwargs):
+        logprobs, values, entropy = original(self, *args, **kwargs)
+        return torch.full_like(logprobs, float("nan")), values, entropy
+
+    monkeypatch.setattr(Policy, "forward", nan_forward)
+    cfg = tiny_config(project["root"], project["model_dir"], "tiny-nan")
+    state = pipeline(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="(?i)non-finite|nan"):
+        state.result()
+    assert tracking.list_versions(cfg.registered_model_name) == []
+    # the train stage's MLflow run is marked failed, later stages never started
+    cli = mlflow_client(cfg)
+    exp = cli.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    parents = cli.search_runs([exp], filter_string="tags.`detoxflow.config_name` = 'tiny-nan' and "
+                                                   "attributes.run_name = 'tiny-nan'")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    stages = {r.data.tags[tracking.TAG_STAGE]: r.info.status for r in child_runs(cfg, parents[0].info.run_id)}
+    assert stages == {"prepare": "FINISHED", "baseline": "FINISHED", "train": "FAILED"}
+    # a NaN is deterministic: train_ppo is not retried
+    train_flow_run = subflow_runs(state.state_details.flow_run_id)[0]
+    train_tasks = task_runs(train_flow_run.id)
+    assert [t.name.rsplit("-", 1)[0] for t in train_tasks] == ["train_ppo"]
+    assert train_tasks[0].run_count == 1 and train_tasks[0].state.is_failed()
