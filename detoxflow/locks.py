@@ -73,6 +73,15 @@ def _redact(uri: str) -> str:
     return uri
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI, absolute (``sqlite:///rel.db`` is relative to the cwd, as in
+    SQLAlchemy; ``sqlite:////abs.db`` absolute), or None for other URIs and in-memory databases."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        return None
+    return Path(parts.path[1:]).resolve()
+
+
 def lock_db_uri(cfg: Config) -> str | None:
     """The PostgreSQL database that hosts the advisory lock, or None when a file lock is used."""
     from detoxflow.tracking import tracking_uri
@@ -96,11 +105,10 @@ def lock_file_path(cfg: Config) -> Path:
 
     uri = tracking_uri(cfg)
     safe = cfg.registered_model_name.replace("/", "_")
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite" and parts.path not in ("", "/", "/:memory:"):
-        db = Path(parts.path[1:] if parts.path.startswith("//") else parts.path)
+    db = sqlite_path(uri)
+    if db is not None:
         return db.parent / f"{db.name}.gate-{safe}.lock"
-    if parts.scheme in ("http", "https"):
+    if urlsplit(uri).scheme in ("http", "https"):
         log.warning(
             "gate lock: tracking URI %s is a server and $%s is unset, so the gate uses a file lock that only "
             "excludes gates on this machine. Set %s to the server's PostgreSQL URI for a team-wide lock.",

@@ -47,7 +47,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, 
 
 import detoxflow
 from detoxflow.config import Config, dump_yaml
-from detoxflow.locks import gate_lock
+from detoxflow.locks import gate_lock, sqlite_path
 from detoxflow.paths import PROJECT_ROOT, cache_dir, work_dir
 
 if TYPE_CHECKING:
@@ -115,10 +115,9 @@ def artifact_location(cfg: Config, uri: str | None = None) -> str | None:
     uri = uri or tracking_uri(cfg)
     if _is_server(uri):
         return None
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite" and parts.path not in ("", "/", "/:memory:"):
-        db = Path(parts.path[1:] if parts.path.startswith("//") else parts.path)
-        return (db.parent / "mlartifacts").resolve().as_uri()
+    db = sqlite_path(uri)
+    if db is not None:
+        return (db.parent / "mlartifacts").as_uri()
     return (work_dir(cfg.work_dir) / "mlartifacts").as_uri()
 
 

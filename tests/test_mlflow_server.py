@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -38,6 +37,14 @@ def server(tmp_path_factory):
     store = migrated_sqlite_store(root / "mlflow.db")  # migrate before start: the server is healthy sooner
     with start_mlflow_server(root, backend_uri=f"sqlite:///{store}") as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory):
+    if not postgres_available():
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not installed")
+    with start_postgres(tmp_path_factory.mktemp("pg")) as instance:
+        yield instance
 
 
 @pytest.fixture(autouse=True)
@@ -136,49 +143,46 @@ def _as_signed(x: int) -> int:
 
 
 @needs_postgres
-def test_gate_lock_is_a_postgres_advisory_lock_that_excludes_a_second_holder(tmp_path):
-    with start_postgres(tmp_path) as pg:
-        cfg = _cfg(tmp_path, pg.uri(driver="psycopg2"))
-        assert lock_db_uri(cfg) == pg.uri(driver="psycopg2")
-        key = lock_key(f"detoxflow.gate:{cfg.registered_model_name}")
-        with gate_lock(cfg):
-            assert [_as_signed(k) for k in _advisory_locks(pg.uri())] == [key]
-            assert _contend(cfg, timeout=0.5).startswith("timeout: gate lock 'detoxflow.gate:detoxflow-srv'")
-            # another model's gate is not blocked
-            assert _contend(_cfg(tmp_path, pg.uri(driver="psycopg2"), name="other"), timeout=0.5) == "acquired"
-        assert _advisory_locks(pg.uri()) == []
-        assert _contend(cfg, timeout=2) == "acquired"
+def test_gate_lock_is_a_postgres_advisory_lock_that_excludes_a_second_holder(pg, tmp_path):
+    cfg = _cfg(tmp_path, pg.uri(driver="psycopg2"))
+    assert lock_db_uri(cfg) == pg.uri(driver="psycopg2")
+    key = lock_key(f"detoxflow.gate:{cfg.registered_model_name}")
+    with gate_lock(cfg):
+        assert [_as_signed(k) for k in _advisory_locks(pg.uri())] == [key]
+        assert _contend(cfg, timeout=0.5).startswith("timeout: gate lock 'detoxflow.gate:detoxflow-srv'")
+        # another model's gate is not blocked
+        assert _contend(_cfg(tmp_path, pg.uri(driver="psycopg2"), name="other"), timeout=0.5) == "acquired"
+    assert _advisory_locks(pg.uri()) == []
+    assert _contend(cfg, timeout=2) == "acquired"
 
 
 @needs_postgres
-def test_team_mode_server_on_postgres_with_lock_db_from_env(tmp_path, monkeypatch):
+def test_team_mode_server_on_postgres_with_lock_db_from_env(pg, tmp_path, monkeypatch):
     """Clients know the http URL; the lock uses the server's database named in $DETOXFLOW_LOCK_DB_URI."""
-    with start_postgres(tmp_path) as pg:
-        pg.create_database("mlflow")
-        db = pg.uri("mlflow", driver="psycopg2")
-        with start_mlflow_server(tmp_path / "srv", backend_uri=db) as srv:
-            cfg = _cfg(tmp_path, srv.url)
-            assert lock_db_uri(cfg) is None  # without the env var only a local file lock is possible
-            monkeypatch.setenv(LOCK_DB_ENV, db)
-            assert lock_db_uri(cfg) == db
+    pg.create_database("mlflow")
+    db = pg.uri("mlflow", driver="psycopg2")
+    with start_mlflow_server(tmp_path / "srv", backend_uri=db) as srv:
+        cfg = _cfg(tmp_path, srv.url)
+        assert lock_db_uri(cfg) is None  # without the env var only a local file lock is possible
+        monkeypatch.setenv(LOCK_DB_ENV, db)
+        assert lock_db_uri(cfg) == db
 
-            model_dir = tmp_path / "model"
-            model_dir.mkdir()
-            (model_dir / "detoxflow.json").write_text("{}")
-            with T.parent_run(cfg, "pipeline"):
-                with T.child_run("train") as run_id:
-                    T.log_model_dir(model_dir)
-                v1 = T.register_model(cfg, run_id)
-                v2 = T.register_model(cfg, run_id)
-            assert (v1, v2) == ("1", "2")
-            assert T.get_alias(cfg.registered_model_name, T.CHALLENGER).version == "2"
+        model_dir = tmp_path / "model"
+        model_dir.mkdir()
+        (model_dir / "detoxflow.json").write_text("{}")
+        with T.parent_run(cfg, "pipeline"):
+            with T.child_run("train") as run_id:
+                T.log_model_dir(model_dir)
+            v1 = T.register_model(cfg, run_id)
+            v2 = T.register_model(cfg, run_id)
+        assert (v1, v2) == ("1", "2")
+        assert T.get_alias(cfg.registered_model_name, T.CHALLENGER).version == "2"
 
-            with gate_lock(cfg):
-                T.set_champion(cfg.registered_model_name, v1)
-                assert _contend(cfg, timeout=0.5).startswith("timeout:")
-                assert len(_advisory_locks(pg.uri("mlflow"))) == 1
-            assert T.get_alias(cfg.registered_model_name, T.CHAMPION).version == "1"
-            assert _contend(cfg, timeout=2) == "acquired"
-            # the runs and the registry live in PostgreSQL, not in a client-side file
-            assert not (tmp_path / "work" / "mlflow.db").exists()
-    shutil.rmtree(tmp_path / "srv", ignore_errors=True)
+        with gate_lock(cfg):
+            T.set_champion(cfg.registered_model_name, v1)
+            assert _contend(cfg, timeout=0.5).startswith("timeout:")
+            assert len(_advisory_locks(pg.uri("mlflow"))) == 1
+        assert T.get_alias(cfg.registered_model_name, T.CHAMPION).version == "1"
+        assert _contend(cfg, timeout=2) == "acquired"
+        # the runs and the registry live in PostgreSQL, not in a client-side file
+        assert not (tmp_path / "work" / "mlflow.db").exists()

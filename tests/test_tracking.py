@@ -379,6 +379,19 @@ def test_gate_lock_serialises_concurrent_champion_updates(cfg, tmp_path):
     assert T.get_alias(name, T.CHAMPION).version == best
 
 
+def test_sqlite_paths_follow_sqlalchemy(tmp_path, monkeypatch):
+    from detoxflow.locks import sqlite_path
+
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///rel/mlflow.db") == tmp_path / "rel" / "mlflow.db"
+    assert sqlite_path("sqlite:////abs/mlflow.db") == Path("/abs/mlflow.db")
+    assert sqlite_path("sqlite:///:memory:") is None
+    assert sqlite_path("postgresql+psycopg2://u@h/db") is None
+    cfg = Config(name="rel", work_dir=str(tmp_path / "w"), tracking={"uri": "sqlite:///store/m.db"})
+    assert T.artifact_location(cfg) == (tmp_path / "store" / "mlartifacts").as_uri()
+    assert lock_file_path(cfg) == tmp_path / "store" / "m.db.gate-detoxflow-rel.lock"
+
+
 def test_lock_key_is_stable_signed_64_bit():
     k = lock_key("detoxflow.gate:detoxflow-default")
     assert k == lock_key("detoxflow.gate:detoxflow-default")
