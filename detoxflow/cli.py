@@ -50,6 +50,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from detoxflow.team import TeamError
 
     errors.append(TeamError)
+    if "detoxflow.tracking" in sys.modules:  # only loaded when a command used MLflow (importing it costs ~2 s)
+        from detoxflow.tracking import TrackingError
+
+        errors.append(TrackingError)
     return tuple(errors)
 
 
@@ -130,6 +134,7 @@ def run(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -
 
     summary = pipeline(cfg)
     out.print_json(json.dumps(summary, default=str))
+    console.print(f"[bold]{escape(summary['headline'])}[/bold]", highlight=False)
 
 
 @app.command()
@@ -191,7 +196,7 @@ def generate(
     policy = load_model(model)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample)
     for text in policy.generate_texts(list(prompt), gen):
-        out.print(text, markup=False, highlight=False)
+        out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
