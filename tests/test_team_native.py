@@ -312,3 +312,61 @@ def test_compose_entrypoints_start_the_servers_natively(stack: TeamStack, tmp_pa
                         p.wait(timeout=15)
                     except subprocess.TimeoutExpired:
                         continue
+
+
+@needs_postgres
+@pytest.mark.integration
+@pytest.mark.slow
+def test_pipeline_deployment_runs_through_the_workers_and_registers_the_model(stack: TeamStack, tiny_models,
+                                                                            tmp_path: Path) -> None:
+    """The nightly deployment of the project's own prefect.yaml, with a tiny config as its parameters: the
+    pipeline runs on the cpu worker, its training on the gpu worker, and the model lands in the team registry."""
+    if not (ROOT / "prefect.yaml").is_file() or not (ROOT / "flows" / "pipeline.py").is_file():
+        pytest.skip("prefect.yaml or flows/pipeline.py not in the project yet")
+    if not (ROOT / "data" / "train.jsonl").is_file():
+        pytest.skip("the shipped corpus data/*.jsonl is missing")
+    from mlflow.tracking import MlflowClient
+
+    from detoxflow.config import load_config
+
+    for split, n in (("train", 12), ("test", 4)):
+        lines = (ROOT / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    name = f"team{time.time_ns()}"
+    cfg = load_config(None, [
+        f"name={name}", f"work_dir={tmp_path / 'work'}", f"data.source={tmp_path / 'data'}", "data.max_eval_samples=4",
+        f"model.name_or_path={tiny_models['t5']}", "model.num_threads=1", "model.device=cpu", "lora.r=4", "lora.alpha=8",
+        "generation.max_new_tokens=6", "generation.min_new_tokens=1",
+        "ppo.steps=1", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+        "eval.k_samples=2", "eval.batch_size=8", "eval.bootstrap_samples=100", "eval.n_table_samples=3",
+        # A random tiny model cannot detoxify; with no required drop the gate promotes, so both aliases move.
+        "promotion.min_toxicity_drop=0.0",
+        "orchestration.mode=team", "orchestration.poll_seconds=1", "orchestration.train_timeout_s=400",
+    ])
+    assert cfg.tracking.uri is None  # the workers' MLFLOW_TRACKING_URI, i.e. the stack's server, is used
+
+    t0 = time.monotonic()
+    deploy_all(project_root=ROOT, env=stack.env)
+    print(f"\nproject deploy_all in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    run = run_deployment(stack, "pipeline/nightly", {"cfg": cfg.model_dump(mode="json")}, timeout=480)
+    print(f"pipeline through the workers in {time.monotonic() - t0:.1f} s")
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["work_pool_name"] == "cpu"
+
+    trains = [r for r in api(stack, "POST", "flow_runs/filter", {}) if r["parent_task_run_id"] and
+              r["start_time"] and r["start_time"] >= run["start_time"]]
+    train_dep = api(stack, "GET", "deployments/name/train/train-gpu")
+    trains = [r for r in trains if r["deployment_id"] == train_dep["id"]]
+    assert len(trains) == 1 and trains[0]["work_pool_name"] == "gpu" and trains[0]["state_type"] == "COMPLETED"
+
+    client = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
+    registered = f"detoxflow-{name}"
+    challenger = client.get_model_version_by_alias(registered, "challenger")
+    champion = client.get_model_version_by_alias(registered, "champion")
+    assert challenger.version == champion.version == "1"
+    assert challenger.tags["promotion.decision"] == "promote"
+    assert challenger.source.startswith("mlflow-artifacts:/")  # proxied: stored under the stack's artifacts
+    files = {f.path for f in client.list_artifacts(challenger.run_id, "model")}
+    assert "model/adapter" in files and "model/detoxflow.json" in files
