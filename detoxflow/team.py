@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -373,10 +374,11 @@ def find_project_root(start: Path | None = None) -> Path:
 
 
 def deploy_all(project_root: Path | None = None, pools: Iterable[str] = DEFAULT_POOLS,
-               env: Mapping[str, str] | None = None) -> None:
+               env: Mapping[str, str] | None = None) -> list[str]:
     """Create the work pools (if absent) and run `prefect deploy --all --no-prompt` from the project root.
 
-    Entry points in prefect.yaml are relative to the project root, so the deploy must run there."""
+    Entry points in prefect.yaml are relative to the project root, so the deploy must run there. Returns the
+    'flow/deployment' names Prefect reported as created or updated."""
     run_env = {**os.environ, **(env or {})}
     api = run_env.get("PREFECT_API_URL") or prefect_api_url()
     run_env["PREFECT_API_URL"] = api
@@ -389,7 +391,9 @@ def deploy_all(project_root: Path | None = None, pools: Iterable[str] = DEFAULT_
     log.info("prefect deploy --all from %s against %s", root, api)
     out = _run([console_script("prefect"), "--no-prompt", "deploy", "--all"], "prefect deploy --all", env=run_env,
                cwd=root, timeout=600)
-    log.info("%s", out.strip()[-2000:])
+    names = re.findall(r"Deployment '([^']+)' successfully", re.sub(r"[│\s]+", " ", out))
+    log.info("%d deployment(s) registered at %s: %s", len(names), api, ", ".join(names) or "(none reported)")
+    return names
 
 
 # --------------------------------------------------------------------------------------------- the stack

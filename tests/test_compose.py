@@ -289,3 +289,29 @@ def test_accelerate_configs_load_in_accelerate(name: str, stage: int | None) -> 
         assert cfg.deepspeed_config["zero_stage"] == stage
         # Offloading needs DeepSpeed's compiled CPU-Adam op, which the gpu image does not build.
         assert cfg.deepspeed_config["offload_optimizer_device"] == "none"
+
+
+def test_native_systemd_units_verify_and_run_the_same_entrypoints(tmp_path: Path) -> None:
+    """infra/native/systemd: systemd's own checker, with /opt/detoxflow mapped onto this checkout."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    env_example = ROOT / "infra/native/detoxflow.env.example"
+    units = sorted((ROOT / "infra/native/systemd").glob("*.service"))
+    assert {u.name for u in units} == {"detoxflow-mlflow.service", "detoxflow-prefect-server.service",
+                                       "detoxflow-worker@.service"}
+    names = []
+    for unit in units:
+        text = unit.read_text()
+        assert "ExecStart=/opt/detoxflow/infra/" in text and "EnvironmentFile=/etc/detoxflow/detoxflow.env" in text
+        text = text.replace("/opt/detoxflow", str(ROOT)).replace("/etc/detoxflow/detoxflow.env", str(env_example))
+        name = unit.name.replace("@.service", "@cpu.service")
+        (tmp_path / name).write_text(text)
+        names.append(name)
+    res = subprocess.run([analyze, "verify", *names], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    documented = {line.split("=", 1)[0] for line in env_example.read_text().splitlines()
+                  if line and not line.startswith("#")}
+    for script in ("infra/mlflow/entrypoint.sh", "infra/prefect/server-entrypoint.sh", "infra/prefect/worker-entrypoint.sh"):
+        required = set(re.findall(r'\$\{([A-Z_]+):\?', (ROOT / script).read_text())) - {"DETOXFLOW_POOL"}
+        assert required <= documented, f"{script} needs {required - documented} in detoxflow.env.example"

@@ -169,7 +169,8 @@ def run_deployment(stack: TeamStack, name: str, parameters: dict, timeout: float
 @pytest.fixture(scope="module")
 def deployed(stack: TeamStack, hello_project: Path) -> Path:
     t0 = time.monotonic()
-    deploy_all(project_root=hello_project, env=stack.env)
+    names = deploy_all(project_root=hello_project, env=stack.env)
+    assert names == ["hello/hello-cpu", "hello/hello-gpu"]
     print(f"\ndeploy_all in {time.monotonic() - t0:.1f} s")
     return hello_project
 
@@ -370,3 +371,33 @@ def test_pipeline_deployment_runs_through_the_workers_and_registers_the_model(st
     assert challenger.source.startswith("mlflow-artifacts:/")  # proxied: stored under the stack's artifacts
     files = {f.path for f in client.list_artifacts(challenger.run_id, "model")}
     assert "model/adapter" in files and "model/detoxflow.json" in files
+
+
+@pytest.mark.integration
+def test_native_setup_postgres_script_creates_role_and_databases_idempotently(tmp_path: Path) -> None:
+    """infra/native/setup-postgres.sh against a real PostgreSQL (the private test instance of tests/servers.py)."""
+    from servers import postgres_available, start_postgres
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries not available")
+    import psycopg2
+
+    with start_postgres(tmp_path) as pg:
+        env = {**os.environ, "PATH": f"{postgres_bin_dir()}{os.pathsep}{os.environ['PATH']}",
+               "PGHOST": pg.host, "PGPORT": str(pg.port), "PGUSER": pg.user, "DETOXFLOW_DB_PASSWORD": "0123abcd"}
+        for _ in range(2):  # the second run must succeed too
+            res = subprocess.run([str(ROOT / "infra/native/setup-postgres.sh")], env=env, capture_output=True,
+                                 text=True, timeout=60)
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert "0123abcd" not in res.stdout + res.stderr
+        conn = psycopg2.connect(pg.uri())
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT d.datname, r.rolname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
+                            "WHERE d.datname IN ('prefect', 'mlflow') ORDER BY 1")
+                assert cur.fetchall() == [("mlflow", "detoxflow"), ("prefect", "detoxflow")]
+                cur.execute("SELECT rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
+                            "WHERE rolname = 'detoxflow'")
+                assert cur.fetchone() == (True, True)
+        finally:
+            conn.close()
