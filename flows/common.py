@@ -26,6 +26,7 @@ def prepare_and_baseline(
         data = st.call(with_cache(prepare_data, cfg, PREPARE_POLICY), cfg, still_valid=prepared_files_exist)
         log_lineage(data, st.run_id)
     with Stage("baseline", cfg, parent_run_id, timings, cached) as st:
-        baseline = st.call(with_cache(score_baseline, cfg, BASELINE_POLICY), cfg, data, still_valid=baseline_files_exist)
+        scorer_task = with_cache(score_baseline, cfg, BASELINE_POLICY)
+        baseline = st.call(scorer_task, cfg, data, still_valid=baseline_files_exist)
         log_evaluation(baseline, st.run_id, "eval")  # type: ignore[arg-type]
     return data, baseline

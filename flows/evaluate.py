@@ -38,7 +38,9 @@ def evaluate_flow(cfg: Config, model_uri: str) -> dict[str, Any]:
         "toxicity_before": baseline["metrics"].get("eval/toxicity_mean"),
         "toxicity_after": evaluation["metrics"].get("eval/toxicity_mean"),
         "relative_change": comp.get("eval/toxicity_rel_change"),
-        "relative_change_ci": [comp.get("eval/toxicity_rel_change_ci_low"), comp.get("eval/toxicity_rel_change_ci_high")],
+        "relative_change_ci": [
+            comp.get("eval/toxicity_rel_change_ci_low"), comp.get("eval/toxicity_rel_change_ci_high")
+        ],
         "alarms": evaluation["alarms"],
         "metrics": evaluation["metrics"],
         "eval_digest": data["eval_digest"],

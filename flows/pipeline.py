@@ -52,8 +52,8 @@ def pipeline(cfg: Config) -> dict[str, Any]:
 
         with Stage("gate", cfg, parent_id, timings, cached) as st:
             gate = st.call(gate_and_promote, cfg, registered["version"], evaluation, baseline, train, data)
-            tracking.set_tags({"promotion.decision": gate["decision"], "detoxflow.model_version": registered["version"]},
-                              run_id=st.run_id)
+            outcome = {"promotion.decision": gate["decision"], "detoxflow.model_version": registered["version"]}
+            tracking.set_tags(outcome, run_id=st.run_id)
 
         timings["total"] = round(time.perf_counter() - t_start, 2)
         summary = build_summary(

@@ -18,7 +18,9 @@ from detoxflow.tasks.training import RESULT_ARTIFACT, TAG_FLOW_RUN, train_ppo
 
 
 @flow(name="train", description="PEFT-PPO training with a KL-penalised reward; logs to MLflow, returns the model URI.")
-def train_flow(cfg: Config, parent_run_id: str | None = None, expected_train_digest: str | None = None) -> dict[str, Any]:
+def train_flow(
+    cfg: Config, parent_run_id: str | None = None, expected_train_digest: str | None = None
+) -> dict[str, Any]:
     """Train and log the model to MLflow; returns small values (run id, ``runs:/`` model URI, summary).
 
     ``parent_run_id``: the pipeline's MLflow run; training then logs to a ``train`` child run of it (resuming

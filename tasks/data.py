@@ -92,7 +92,8 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
         if not recs:
             raise ValueError(
                 f"data.source={data_cfg.source!r}: split '{split}' has no records after filtering "
-                f"(min_dialogue_chars={data_cfg.min_dialogue_chars}, max_dialogue_chars={data_cfg.max_dialogue_chars}). "
+                f"(min_dialogue_chars={data_cfg.min_dialogue_chars}, "
+                f"max_dialogue_chars={data_cfg.max_dialogue_chars}). "
                 "Relax the filters or point data.source at a dataset with this split."
             )
     # A held-out split is only held out if no training dialogue appears in it.

@@ -70,10 +70,9 @@ def gate_metrics(evaluation: dict[str, Any], train: dict[str, Any] | None = None
 def log_evaluation(evaluation: dict[str, Any], run_id: str, artifact_dir: str) -> None:
     """Metrics, digests and the full result file into an MLflow run (also for a cached baseline)."""
     tracking.log_metrics(evaluation["metrics"], run_id=run_id)
-    tracking.set_tags(
-        {"detoxflow.split_digest": evaluation["split_digest"], "detoxflow.settings_digest": evaluation["settings_digest"]},
-        run_id=run_id,
-    )
+    digests = {"detoxflow.split_digest": evaluation["split_digest"],
+               "detoxflow.settings_digest": evaluation["settings_digest"]}
+    tracking.set_tags(digests, run_id=run_id)
     tracking.log_file(evaluation["result_path"], artifact_dir, run_id=run_id)
 
 

@@ -53,7 +53,9 @@ def register_model(cfg: Config, run_id: str, evaluation: dict[str, Any], train: 
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
 
 
-def champion_metrics(cfg: Config, champion: tracking.VersionInfo, challenger: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+def champion_metrics(
+    cfg: Config, champion: tracking.VersionInfo, challenger: dict[str, Any], data: dict[str, Any]
+) -> dict[str, Any]:
     """The champion's metrics on the challenger's split and settings.
 
     Its registration tags hold them when it was evaluated on the same prompts with the same settings;

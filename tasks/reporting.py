@@ -96,7 +96,9 @@ def build_summary(
         "toxicity_before": before.get("eval/toxicity_mean"),
         "toxicity_after": after.get("eval/toxicity_mean"),
         "relative_change": comp.get("eval/toxicity_rel_change"),
-        "relative_change_ci": [comp.get("eval/toxicity_rel_change_ci_low"), comp.get("eval/toxicity_rel_change_ci_high")],
+        "relative_change_ci": [
+            comp.get("eval/toxicity_rel_change_ci_low"), comp.get("eval/toxicity_rel_change_ci_high")
+        ],
         "rouge_l_before": before.get("eval/rouge_l"),
         "rouge_l_after": after.get("eval/rouge_l"),
         "kl": (train.get("summary") or {}).get("train/kl_mean"),

@@ -57,7 +57,9 @@ class Stage:
             self.run_id = self._stack.enter_context(tracking.child_run(self.name, self.parent_run_id, cfg=self.cfg))
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         seconds = time.perf_counter() - self._t0
         self.timings[self.name] = round(seconds, 2)
         self.cached[self.name] = self.was_cached

@@ -99,7 +99,8 @@ def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: st
             f"data.source={cfg.data.source!r}: split '{cfg.data.train_split}' has digest {digest} here but "
             f"{expected_train_digest} where the pipeline prepared it. Give both machines the same data."
         )
-    tracking.log_split(cfg.data.train_split, digest, cfg.data.source, [r.id for r in records], "training", run_id=run_id)
+    ids = [r.id for r in records]
+    tracking.log_split(cfg.data.train_split, digest, cfg.data.source, ids, "training", run_id=run_id)
     prompts = [build_prompt(cfg.data.prompt_template, r) for r in records]
     policy = Policy.load(cfg.model, cfg.lora)
     scorer = build_scorer(cfg.reward)

@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data"
 STAGES = ["prepare", "baseline", "train", "evaluate", "gate"]
+PIPELINE_TAIL = ["evaluate_aligned", "register_model", "gate_and_promote"]
 
 
 def write_split(src: Path, dest: Path, n: int) -> None:
@@ -46,6 +47,9 @@ def tiny_config(root: Path, model_dir: Path, name: str, *overrides: str) -> Conf
         "lora.r=4", "lora.alpha=8",
         "generation.max_new_tokens=6", "generation.min_new_tokens=1",
         "ppo.steps=1", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+        # these tests are about orchestration: a step too small to change any output keeps the gate's outcome
+        # decided by the promotion rules under test, not by where one random PPO step happens to land
+        "ppo.learning_rate=1e-8",
         "eval.k_samples=2", "eval.batch_size=8", "eval.bootstrap_samples=100", "eval.n_table_samples=3",
         f"tracking.uri=sqlite:///{root / 'work' / 'mlflow.db'}",
         *overrides,
@@ -93,7 +97,8 @@ def task_runs(flow_run_id: Any) -> list[Any]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
         )
     return sorted(runs, key=lambda r: r.start_time or r.expected_start_time)
 
@@ -132,7 +137,7 @@ def test_stages_run_in_order_and_hand_over_the_right_values(project):
 
     # Prefect: the pipeline's own tasks in stage order, training as a subflow (a "train" run in the parent)
     names = [t.name.rsplit("-", 1)[0] for t in task_runs(flow_run_id)]
-    assert names == ["prepare_data", "score_baseline", "train", "evaluate_aligned", "register_model", "gate_and_promote"]
+    assert names == ["prepare_data", "score_baseline", "train", *PIPELINE_TAIL]
     subflows = subflow_runs(flow_run_id)
     assert [f.state.is_completed() for f in subflows] == [True]
     assert [t.name.rsplit("-", 1)[0] for t in task_runs(subflows[0].id)] == ["train_ppo"]
@@ -290,3 +295,42 @@ def test_failed_training_fails_the_flow_and_registers_nothing(project, monkeypat
     train_tasks = task_runs(train_flow_run.id)
     assert [t.name.rsplit("-", 1)[0] for t in train_tasks] == ["train_ppo"]
     assert train_tasks[0].run_count == 1 and train_tasks[0].state.is_failed()
+
+
+def test_evaluate_flow_reuses_the_baseline_and_reproduces_the_pipeline_numbers(project):
+    from detoxflow.flows.evaluate import evaluate_flow
+
+    cfg, first = project["cfg"], project["summary"]
+    out = evaluate_flow(cfg, f"models:/{cfg.registered_model_name}/{first['version']}")
+    assert out["cached"]["prepare"] and out["cached"]["baseline"] and not out["cached"]["evaluate"]
+    assert out["eval_digest"] == first["eval_digest"]
+    # the same model on the same prompts with the same settings: the pipeline's numbers, exactly
+    assert out["toxicity_before"] == pytest.approx(first["toxicity_before"], abs=1e-9)
+    assert out["toxicity_after"] == pytest.approx(first["toxicity_after"], abs=1e-9)
+    assert out["metrics"]["eval/n_prompts"] == 4
+
+
+def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
+    from detoxflow import tracking
+    from detoxflow.flows.promote import promote_flow
+
+    cfg, first = project["cfg"], project["summary"]
+    name = cfg.registered_model_name
+    assert first["decision"] == "rejected"  # the default rules want a 20% drop; one tiny step gives none
+    lenient = cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"min_toxicity_drop": 0.0})})
+    out = promote_flow(lenient, f"models:/{name}/{first['version']}")
+    assert out["promote"] and out["champion_after"] == first["version"], out["reasons"]
+    assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
+    assert tracking.get_version(name, first["version"]).tags["promotion.decision"] == "promote"
+
+    # the newest version must now beat that champion by 100%: impossible, so the champion stays
+    strict = lenient.model_copy(
+        update={"promotion": lenient.promotion.model_copy(update={"min_improvement_over_champion": 1.0})}
+    )
+    challenger = tracking.get_alias(name, tracking.CHALLENGER).version
+    assert challenger != first["version"]
+    out = promote_flow(strict, f"models:/{name}@challenger")
+    assert not out["promote"] and out["version"] == challenger
+    assert any(r.startswith("BLOCK toxicity vs champion") for r in out["reasons"])
+    assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
+    assert tracking.get_version(name, challenger).tags["promotion.decision"] == "reject"
