@@ -647,7 +647,10 @@ class TeamStack:
             else:
                 ensure_pools(self.prefect_api_url, self.pools)
         except BaseException:
-            self.stop()
+            try:
+                self.stop()
+            except Exception:  # noqa: BLE001 - the start failure is the error to report
+                log.exception("while stopping after a failed start")
             raise
         self.timings["total"] = time.monotonic() - t0
         log.info("team stack up in %.1f s: %s", self.timings["total"],

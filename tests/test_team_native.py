@@ -113,9 +113,9 @@ def stack() -> Iterator[TeamStack]:
 
 
 @pytest.fixture(scope="module")
-def hello_project() -> Path:
+def hello_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A minimal Prefect project: one flow deployed once per pool, writing what its worker gave it."""
-    root = Path(tempfile.mkdtemp(prefix="dfhello-"))
+    root = tmp_path_factory.mktemp("hello-project")
     (root / "hello.py").write_text(textwrap.dedent("""
         import json, os
         from prefect import flow
