@@ -156,6 +156,12 @@ class PPOConfig(_Section):
             raise ValueError("batch_size must be a multiple of mini_batch_size")
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError("mini_batch_size must be a multiple of gradient_accumulation_steps")
+        if self.backend != "ppo" and self.batch_size % self.num_generations:
+            # TRL groups every prompt's completions inside one generation batch (the leave-one-out / group baseline)
+            raise ValueError(
+                f"backend '{self.backend}' needs batch_size ({self.batch_size}) to be a multiple of "
+                f"num_generations ({self.num_generations}), the completions per prompt"
+            )
         return self
 
 
