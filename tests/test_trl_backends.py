@@ -245,3 +245,27 @@ def _adapter(artifact_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(artifact_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_scoring_forwards_use_the_positions_generation_used(tiny_models: dict[str, Path]) -> None:
+    """TRL scores left-padded rows without position_ids; under mask_position_ids a GPT-2 gives the logprobs of
+    Policy.forward (which passes generate()'s positions), and the patch is gone afterwards."""
+    from detoxflow.models.trl_backends import mask_position_ids
+
+    cfg = make_cfg(tiny_models["gpt2"], "rloo")
+    policy = Policy.load(cfg.model, cfg.lora)
+    q, qm = policy.encode_queries(["person one", "the customer wants a refund because the order"], 32)
+    assert not bool(qm[0].all())  # the short prompt is left-padded
+    r, rm = policy.generate(q, qm, cfg.generation)
+    expected, _, _ = policy.forward(q, qm, r, rm)
+    ids, mask = torch.cat([q, r], 1), torch.cat([qm, rm.long()], 1)
+
+    def trl_style() -> torch.Tensor:
+        with torch.no_grad():
+            logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, q.shape[1] - 1 : -1]
+        return logits.log_softmax(-1).gather(-1, r.unsqueeze(-1)).squeeze(-1) * rm
+
+    assert not torch.allclose(trl_style()[0], expected[0], atol=1e-3)  # the bug the shim exists for
+    with mask_position_ids(policy.model):
+        assert torch.allclose(trl_style(), expected, atol=1e-5)
+    assert "forward" not in policy.model.get_base_model().base_model.__dict__
