@@ -18,6 +18,8 @@ How our config maps onto TRL (one rollout step = one generation batch, like a PP
   as in our PPO: TRL copies a PEFT policy's adapter into a frozen "ref" adapter, which we delete so TRL falls
   back to ``disable_adapter()``.
 - Seq2seq policies (T5) are refused: TRL 1.x RLOO/GRPO generate and score with causal LMs only.
+- TRL 1.16 scores left-padded rows without ``position_ids``; :func:`mask_position_ids` supplies the ones
+  ``generate()`` used, without which a GPT-2 policy's logprobs would not match its samples.
 
 The reward function wraps our :class:`~detoxflow.models.reward.Scorer` (scores: higher = less toxic), applies
 ``ppo.score_clip`` and the length guard of our trainer, and logs toxicity and the reward-hacking monitors.
@@ -185,9 +187,11 @@ def map_trl_logs(logs: dict[str, Any], backend: str, beta: float) -> dict[str, f
 
     TRL's ``kl`` is a mean per completion token; our ``objective/kl`` is nats per sequence, so it is multiplied
     by the mean completion length (exact: sum over tokens / tokens * tokens / sequences). RLOO's ``kl`` is the
-    k1 estimate (``logprobs - ref_logprobs``), GRPO's the k3 one, so they land on ``objective/kl`` and
-    ``objective/kl_k3`` respectively. Keys already in our namespace (logged by :class:`ScorerReward`) pass
-    through; all other numbers go under ``trl/``. Non-numbers and NaN are dropped.
+    k1 estimate (``logprobs - ref_logprobs``, at sampling time); GRPO only computes the k3 one (during its
+    updates), which lands on ``objective/kl_k3`` and, as the only KL estimate there is (both are unbiased for
+    the same KL), on ``objective/kl`` too, which the gate's KL bound reads. Keys already in our namespace
+    (logged by :class:`ScorerReward`) pass through; all other numbers go under ``trl/``. Non-numbers and NaN
+    are dropped.
     """
     out: dict[str, float] = {}
     for key, value in logs.items():
@@ -204,7 +208,9 @@ def map_trl_logs(logs: dict[str, Any], backend: str, beta: float) -> dict[str, f
     per_token_kl = logs.get("kl")
     if _is_number(per_token_kl) and length is not None and math.isfinite(float(per_token_kl)):
         seq_kl = float(per_token_kl) * length
-        out["objective/kl_k3" if backend == "grpo" else "objective/kl"] = seq_kl
+        out["objective/kl"] = seq_kl
+        if backend == "grpo":
+            out["objective/kl_k3"] = seq_kl
         if "objective/scores" in out:
             out["objective/rlhf_reward"] = out["objective/scores"] - beta * seq_kl
     out["objective/kl_coef"] = beta
@@ -251,7 +257,7 @@ def _make_callback(log: LogFn, backend: str, beta: float, plan: StepPlan, total_
             metrics = map_trl_logs(logs, backend, beta)
             log(metrics, step)
             if self.bar is not None:
-                kl = metrics.get("objective/kl", metrics.get("objective/kl_k3", math.nan))
+                kl = metrics.get("objective/kl", math.nan)
                 self.bar.set_postfix(score=f"{metrics.get('objective/scores', math.nan):.3f}", kl=f"{kl:.2f}",
                                      tox=f"{metrics.get('objective/toxicity', math.nan):.3f}")
                 self.bar.update(step - self.bar.n)
@@ -288,6 +294,9 @@ def build_trl_args(cfg: Config, plan: StepPlan, output_dir: Path, use_cpu: bool)
     if not gen.do_sample:
         logger.warning("%s samples %d completions per prompt: generation.do_sample=false is ignored in training",
                        pc.backend, pc.num_generations)
+    if pc.kl.mode == "adaptive":
+        logger.warning("%s: TRL has no adaptive KL controller; beta stays at ppo.kl.init_coef=%g (ppo.kl.target is "
+                       "not used)", pc.backend, pc.kl.init_coef)
     schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[pc.lr_schedule]
     common: dict[str, Any] = dict(
         output_dir=str(output_dir),
@@ -480,15 +489,11 @@ def train_trl(
 
     steps_done = trainer.state.global_step // per_rollout
     # the trainer state carries the logs of earlier (resumed) runs too: rebuild the whole history from it
-    history = [
-        {**map_trl_logs(entry, backend, pc.kl.init_coef), "step": float(rollout_step(entry["step"], per_rollout))}
-        for entry in trainer.state.log_history
-        if "reward" in entry and "step" in entry
-    ]
-    last_metrics = history[-1] if history else {}
+    # (one entry per rollout step, in order, like trainer.train's history)
+    history = [map_trl_logs(entry, backend, pc.kl.init_coef) for entry in trainer.state.log_history if "reward" in entry]
     extra = {
         "config": cfg.model_dump(mode="json"),
-        "metrics": {k: v for k, v in last_metrics.items() if k != "step"},
+        "metrics": history[-1] if history else {},
         "train": {"backend": backend, "steps": steps_done, "kl_coef": pc.kl.init_coef, "trl_version": _trl_version()},
     }
     artifact = policy.save_artifact(out / ARTIFACT_SUBDIR, extra=extra)
