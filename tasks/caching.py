@@ -30,10 +30,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Task)
 
-# Sections whose values change what the stage computes. `lora` is left out of the baseline on purpose: a
-# freshly initialised LoRA adapter has B = 0, so the policy before training is the base model whatever r is.
+# Sections whose values change what the stage computes. The baseline also keys on the evaluation settings
+# digest (prompt template, query truncation, generation, eval, reward, seed), so a change of, say,
+# data.max_train_samples does not recompute it. `lora` is left out on purpose: a freshly initialised LoRA
+# adapter has B = 0, so the policy before training is the base model whatever r is.
 PREPARE_SECTIONS: tuple[str, ...] = ("data",)
-BASELINE_SECTIONS: tuple[str, ...] = ("seed", "data", "model", "reward", "generation", "eval")
+BASELINE_SECTIONS: tuple[str, ...] = ("model",)
 
 
 def results_dir(cfg: Config) -> Path:
@@ -91,11 +93,15 @@ def prepare_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 def baseline_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key of ``score_baseline``: the sections it reads, the eval split digest and the base weights."""
+    """Cache key of ``score_baseline``: the model section, the evaluation settings, the eval split digest and
+    the base weights."""
+    from detoxflow.models.evaluate import settings_digest
+
     cfg: Config = parameters["cfg"]
     data: dict[str, Any] = parameters["data"]
     return "baseline-" + _hash(
-        cfg.section_digest(*BASELINE_SECTIONS), data["eval_digest"], model_fingerprint(cfg.model.name_or_path)
+        cfg.section_digest(*BASELINE_SECTIONS), settings_digest(cfg), data["eval_digest"],
+        model_fingerprint(cfg.model.name_or_path),
     )
 
 

@@ -55,12 +55,12 @@ def register_model(cfg: Config, run_id: str, evaluation: dict[str, Any], train: 
 
 def champion_metrics(
     cfg: Config, champion: tracking.VersionInfo, challenger: dict[str, Any], data: dict[str, Any]
-) -> dict[str, Any]:
-    """The champion's metrics on the challenger's split and settings.
+) -> tuple[dict[str, Any], str]:
+    """The champion's metrics on the challenger's split and settings, and where they came from.
 
-    Its registration tags hold them when it was evaluated on the same prompts with the same settings;
-    otherwise (new data, new generation settings) it is evaluated again now, so the gate compares like with
-    like instead of refusing."""
+    Its registration tags hold them when it was evaluated on the same prompts with the same settings
+    (source ``registered``); otherwise (new data, new generation settings) it is evaluated again now (source
+    ``re-evaluated``), so the gate compares like with like instead of refusing."""
     tags_metrics = {
         **champion.metrics,
         "split_digest": champion.split_digest,
@@ -70,8 +70,8 @@ def champion_metrics(
         tags_metrics["split_digest"] == challenger["split_digest"]
         and tags_metrics["settings_digest"] == challenger["settings_digest"]
     ):
-        return tags_metrics
-    logger.info(
+        return tags_metrics, "registered"
+    get_run_logger().info(
         "champion v%s was evaluated on split %s / settings %s; re-evaluating it on %s / %s",
         champion.version, tags_metrics["split_digest"], tags_metrics["settings_digest"],
         challenger["split_digest"], challenger["settings_digest"],
@@ -80,8 +80,9 @@ def champion_metrics(
     result = evaluate(policy, build_scorer(cfg.reward), read_records(data["eval_records"]), cfg,
                       split_digest=data["eval_digest"], progress=False)
     # KL is a property of how the champion was trained, not of the prompts: keep the recorded one.
-    return {**{k: v for k, v in champion.metrics.items() if k.startswith("train/")}, **result.numeric(),
-            "split_digest": result.split_digest, "settings_digest": result.settings_digest}
+    metrics = {**{k: v for k, v in champion.metrics.items() if k.startswith("train/")}, **result.numeric(),
+               "split_digest": result.split_digest, "settings_digest": result.settings_digest}
+    return metrics, "re-evaluated"
 
 
 @task(name="gate_and_promote", cache_policy=NO_CACHE, persist_result=False)
@@ -95,8 +96,9 @@ def gate_and_promote(
 ) -> dict[str, Any]:
     """Challenger ``version`` vs the champion on the same split digest; move ``champion`` only if it passes.
 
-    Returns ``{"promote", "reasons", "version", "champion_before", "champion_after"}``; the decision and the
-    reasons are also written as version tags, whatever the outcome."""
+    Returns ``{"promote", "decision", "reasons", "version", "champion_before", "champion_after",
+    "champion_metrics"}`` (``registered`` / ``re-evaluated`` / None: where the champion's numbers came from);
+    the decision and the reasons are also written as version tags, whatever the outcome."""
     log = get_run_logger()
     tracking.setup(cfg)
     name = cfg.registered_model_name
@@ -107,7 +109,7 @@ def gate_and_promote(
         before = champion.version if champion else None
         if champion is not None and champion.version == str(version):
             champion = None  # re-gating the champion itself: compare against the baseline only
-        champ = champion_metrics(cfg, champion, challenger, data) if champion else None
+        champ, source = champion_metrics(cfg, champion, challenger, data) if champion else (None, None)
         decision = decide(challenger, champ, base, cfg.promotion, cfg.ppo.kl.target,
                           evaluation.get("alarms") or [])
         if decision.promote:
@@ -115,6 +117,7 @@ def gate_and_promote(
         tracking.tag_version(name, version, {
             **decision.as_tags(),
             "promotion.champion_before": before or "none",
+            "promotion.champion_metrics": source or "none",
         })
     after = version if decision.promote else before
     log.info("gate: %s version %s (champion %s -> %s)\n%s", "PROMOTE" if decision.promote else "REJECT", version,
@@ -126,4 +129,5 @@ def gate_and_promote(
         "version": str(version),
         "champion_before": before,
         "champion_after": after,
+        "champion_metrics": source,
     }

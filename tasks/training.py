@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ def retry_unless_deterministic(task: Task[Any, Any], task_run: TaskRun, state: S
     except Exception:  # noqa: BLE001 — anything else (OSError, MLflow/HTTP errors, a killed worker) may pass on retry
         return True
     return True
+
+
+def train_backend(backend: str) -> Callable[..., trainer.TrainResult]:
+    """Our PPO trainer, or TRL's RLOO / GRPO (causal LMs) behind the same signature; TRL is imported only then."""
+    if backend == "ppo":
+        return trainer.train
+    from detoxflow.models.trl_backends import train_trl
+
+    return train_trl
 
 
 def train_dir(cfg: Config, key: str) -> Path:
@@ -112,7 +122,7 @@ def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: st
         metrics_log(metrics, step)
         progress.update(step)
 
-    result = trainer.train(cfg, policy, scorer, prompts, out_dir, log=log_step, resume=True)
+    result = train_backend(cfg.ppo.backend)(cfg, policy, scorer, prompts, out_dir, log=log_step, resume=True)
     summary = train_summary(result.history)
     tracking.log_metrics(summary, step=result.steps, run_id=run_id)
     tracking.log_json(result.history, "train/history.json", run_id=run_id)

@@ -301,13 +301,21 @@ def test_evaluate_flow_reuses_the_baseline_and_reproduces_the_pipeline_numbers(p
     from detoxflow.flows.evaluate import evaluate_flow
 
     cfg, first = project["cfg"], project["summary"]
-    out = evaluate_flow(cfg, f"models:/{cfg.registered_model_name}/{first['version']}")
+    uri = f"models:/{cfg.registered_model_name}/{first['version']}"
+    out = evaluate_flow(cfg, uri)
     assert out["cached"]["prepare"] and out["cached"]["baseline"] and not out["cached"]["evaluate"]
     assert out["eval_digest"] == first["eval_digest"]
     # the same model on the same prompts with the same settings: the pipeline's numbers, exactly
     assert out["toxicity_before"] == pytest.approx(first["toxicity_before"], abs=1e-9)
     assert out["toxicity_after"] == pytest.approx(first["toxicity_after"], abs=1e-9)
     assert out["metrics"]["eval/n_prompts"] == 4
+
+    # a cache entry whose files were cleaned away is recomputed, not trusted
+    for f in (project["root"] / "work" / "evals").glob("baseline-*.json"):
+        f.unlink()
+    again = evaluate_flow(cfg, uri)
+    assert again["cached"]["prepare"] and not again["cached"]["baseline"]
+    assert again["toxicity_before"] == pytest.approx(first["toxicity_before"], abs=1e-9)
 
 
 def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
@@ -320,17 +328,23 @@ def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
     lenient = cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"min_toxicity_drop": 0.0})})
     out = promote_flow(lenient, f"models:/{name}/{first['version']}")
     assert out["promote"] and out["champion_after"] == first["version"], out["reasons"]
+    assert out["champion_metrics"] is None  # no champion yet
     assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
     assert tracking.get_version(name, first["version"]).tags["promotion.decision"] == "promote"
 
-    # the newest version must now beat that champion by 100%: impossible, so the champion stays
-    strict = lenient.model_copy(
-        update={"promotion": lenient.promotion.model_copy(update={"min_improvement_over_champion": 1.0})}
-    )
+    # the newest version must now beat that champion by 100%: impossible, so the champion stays. Other eval
+    # settings (k=1) too: the champion's registered metrics no longer compare, so the gate re-evaluates it.
+    strict = lenient.model_copy(update={
+        "promotion": lenient.promotion.model_copy(update={"min_improvement_over_champion": 1.0}),
+        "eval": lenient.eval.model_copy(update={"k_samples": 1}),
+    })
     challenger = tracking.get_alias(name, tracking.CHALLENGER).version
     assert challenger != first["version"]
     out = promote_flow(strict, f"models:/{name}@challenger")
     assert not out["promote"] and out["version"] == challenger
+    assert not out["cached"]["baseline"]  # new settings, new baseline
     assert any(r.startswith("BLOCK toxicity vs champion") for r in out["reasons"])
+    assert out["champion_metrics"] == "re-evaluated"
+    assert tracking.get_version(name, challenger).tags["promotion.champion_metrics"] == "re-evaluated"
     assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
     assert tracking.get_version(name, challenger).tags["promotion.decision"] == "reject"
