@@ -348,3 +348,45 @@ def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
     assert tracking.get_version(name, challenger).tags["promotion.champion_metrics"] == "re-evaluated"
     assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
     assert tracking.get_version(name, challenger).tags["promotion.decision"] == "reject"
+
+
+def test_train_flow_alone_and_a_retry_resumes_from_the_checkpoint(project, monkeypatch):
+    """`detoxflow train`: its own top-level MLflow run. An I/O failure after training is retried once, and the
+    retry resumes from the newest checkpoint instead of training again."""
+    from detoxflow import tracking
+    from detoxflow.flows.train import train_flow
+    from detoxflow.models import trainer
+
+    cfg = tiny_config(project["root"], project["model_dir"], "tiny-train", "ppo.steps=2", "ppo.checkpoint_every=1")
+    steps_run: list[int] = []
+    real_step, real_log_model = trainer.ppo_step, tracking.log_model_dir
+    failures = iter([OSError("artifact store unreachable")])
+
+    def counting_step(*args, **kwargs):
+        steps_run.append(args[4])  # the 1-based step number
+        return real_step(*args, **kwargs)
+
+    def flaky_log_model(*args, **kwargs):
+        for exc in failures:  # fails the first time only
+            raise exc
+        return real_log_model(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "ppo_step", counting_step)
+    monkeypatch.setattr(tracking, "log_model_dir", flaky_log_model)
+    state = train_flow(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert steps_run == [1, 2]  # the retry found step-2 and trained nothing again
+    (task,) = task_runs(state.state_details.flow_run_id)
+    assert task.run_count == 2 and task.state.is_completed()
+
+    cli = mlflow_client(cfg)
+    run = cli.get_run(result["run_id"])
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags[tracking.TAG_STAGE] == "train"
+    assert result["model_uri"] == f"runs:/{result['run_id']}/model" and result["steps"] == 2
+    assert Path(result["checkpoint_dir"]).name == "step-2"
+    assert Path(result["checkpoint_dir"]).parent.parent.parent.name == result["run_id"]  # keyed by the run
+    import mlflow
+
+    assert mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/train/result.json") == json.loads(json.dumps(result))
+    assert tracking.load_model(result["model_uri"]).is_seq2seq
