@@ -56,8 +56,6 @@ ARTIFACT_SUBDIR = "model"
 
 # TRL log keys -> ours where the meaning is the same (per-token KL is converted separately, see map_trl_logs)
 _DIRECT_KEYS: dict[str, str] = {
-    "reward": "objective/scores",
-    "reward_std": "objective/scores_std",
     "entropy": "objective/entropy",
     "completions/mean_length": "env/response_length",
     "loss": "loss/total",
@@ -137,7 +135,7 @@ class ScorerReward:
     The reward is ``scores`` (higher = less toxic, already times ``reward.scale``), clipped to
     ``±ppo.score_clip`` when set, minus ``ppo.length_penalty`` per token missing below
     ``generation.min_new_tokens`` (the same guard as our PPO trainer). Through TRL's ``log_metric`` it reports the
-    batch's mean toxicity and the reward-hacking monitors, which TRL averages per logging step.
+    batch's scores and toxicity and the reward-hacking monitors, which TRL averages per logging step.
     """
 
     # TRL names the reward in its logs ("rewards/<__name__>/mean") after this attribute
@@ -170,6 +168,10 @@ class ScorerReward:
             missing = length_shortfall(content, self.min_new_tokens).float()
         rewards = scores - self.length_penalty * missing
         if log_metric is not None:
+            # the scores as our PPO trainer reports them (after the clip, before the length guard); TRL's own
+            # "reward" is the guarded reward it optimises
+            log_metric("objective/scores", float(scores.mean()))
+            log_metric("objective/scores_std", float(scores.std()) if scores.numel() > 1 else 0.0)
             log_metric("objective/toxicity", float(result.toxicity.float().mean()))
             log_metric("env/length_penalty_rows", float((missing > 0).float().mean()))
             for key, value in monitors.response_stats(texts).items():

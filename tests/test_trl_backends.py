@@ -100,11 +100,11 @@ def test_batch_must_hold_whole_prompt_groups() -> None:
 
 
 def test_trl_logs_map_onto_our_keys_with_kl_per_sequence() -> None:
-    logs = {"reward": 0.8, "kl": 0.05, "completions/mean_length": 10.0, "entropy": 2.0, "loss": 0.1,
+    logs = {"reward": 0.7, "objective/scores": 0.8, "kl": 0.05, "completions/mean_length": 10.0, "entropy": 2.0, "loss": 0.1,
             "clip_ratio/region_mean": 0.25, "objective/toxicity": 0.2, "env/distinct_1": 0.5, "epoch": 1.0,
             "rewards/scorer/mean": 0.8, "step_time": None, "flag": True}
     rloo = map_trl_logs(logs, "rloo", beta=0.1)
-    assert rloo["objective/scores"] == 0.8
+    assert rloo["objective/scores"] == 0.8 and rloo["trl/reward"] == 0.7  # TRL's reward includes the length guard
     assert rloo["objective/kl"] == pytest.approx(0.5)  # 0.05 nats/token x 10 tokens
     assert rloo["objective/rlhf_reward"] == pytest.approx(0.8 - 0.1 * 0.5)
     assert rloo["objective/kl_coef"] == 0.1
@@ -132,6 +132,7 @@ def test_scorer_reward_clips_penalises_short_completions_and_logs_monitors() -> 
     )
     # scores 1, 0, 1 clipped to 0.5; the two 1-token completions miss 2 tokens each (EOS does not count)
     assert out == pytest.approx([0.5, 0.0 - 0.2, 0.5 - 0.2])
+    assert logged["objective/scores"] == [pytest.approx(1 / 3)]  # clipped, before the length guard
     assert logged["objective/toxicity"] == [pytest.approx(1 / 3)]
     assert logged["env/length_penalty_rows"] == [pytest.approx(2 / 3)]
     assert {"env/distinct_1", "env/distinct_2", "env/repetition"} <= set(logged)
