@@ -5,6 +5,9 @@
 it calls ``log(metrics, step)`` once per step. Checkpoints (adapter, value head, optimizer, scheduler, KL
 controller, RNG states, history) are written atomically to ``out_dir/checkpoints/step-<n>`` and a later call
 resumes from the newest one and reaches the same weights an uninterrupted run would.
+
+Units of the logged metrics: ``objective/kl`` and ``objective/kl_k3`` are nats per sequence (summed over the
+response, batch mean), the unit of ``ppo.kl.target``; ``objective/entropy`` is nats per token; lengths are tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from detoxflow.models import ppo as P
 from detoxflow.models.policy import Policy
 from detoxflow.models.reward import Scorer, scorer_input
 
-log_ = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 CHECKPOINT_FILE = "state.pt"
@@ -78,11 +81,11 @@ def train(
     start = 0
     latest = latest_checkpoint(ckpt_root) if resume else None
     if not resume and ckpt_root.exists():
-        log_.warning("resume=False: removing the old checkpoints in %s", ckpt_root)
+        logger.warning("resume=False: removing the old checkpoints in %s", ckpt_root)
         shutil.rmtree(ckpt_root)
     if latest is not None:
         start, history = load_checkpoint(latest, policy, optimizer, scheduler, kl_ctl, fingerprint)
-        log_.info("resuming from %s (step %d of %d)", latest, start, pc.steps)
+        logger.info("resuming from %s (step %d of %d)", latest, start, pc.steps)
     else:
         _seed_everything(cfg.seed)
 
@@ -122,7 +125,8 @@ def ppo_step(
     pc, gen = cfg.ppo, cfg.generation
     t0 = time.perf_counter()
     where = f"step {step}"
-    fix = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet")
+    fix = (f"the last good checkpoint is {last_checkpoint}; a rerun resumes from it" if last_checkpoint
+           else "no checkpoint was written yet, so a rerun starts over")
 
     # 1. sample a batch of prompts (a seeded pass over the prompts, without replacement within an epoch)
     idx = batch_indices(len(prompts), pc.batch_size, step, cfg.seed)
@@ -266,7 +270,7 @@ def ppo_update(
                 optimizer.step()
                 n_updates += 1
                 if pc.target_approx_kl is not None and mb_kl > pc.target_approx_kl:
-                    log_.warning("%s: approx-KL %.3f > %.3f, stopping this step's PPO epochs early",
+                    logger.warning("%s: approx-KL %.3f > %.3f, stopping this step's PPO epochs early",
                                  where, mb_kl, pc.target_approx_kl)
                     early_stop = True
                     break
@@ -318,7 +322,7 @@ def _check_finite(x: torch.Tensor, what: str, fix: str, texts: Sequence[str] | N
     example = f"; first bad response: {texts[rows[0]]!r}" if texts else ""
     raise TrainingError(
         f"{what} are not finite (NaN/inf in rows {rows[:8]}){example}. Training stopped; {fix}. "
-        f"Lower ppo.learning_rate, check the reward model, then rerun to resume from it."
+        f"Check the reward model, or lower ppo.learning_rate / ppo.max_grad_norm if the policy diverged."
     )
 
 
@@ -437,7 +441,7 @@ def save_checkpoint(
     steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name[:5] == "step-" and p.name[5:].isdigit())
     for _, old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    log_.info("checkpoint %s", dest)
+    logger.info("checkpoint %s", dest)
     return dest
 
 
