@@ -221,6 +221,7 @@ class SideResult:
     load_after: float | None = None
     breakdown: dict[str, float] = field(default_factory=dict)
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    rss_growth_mb: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -241,6 +242,7 @@ def run_ours(model_dir: Path, arch: str, steps: int, threads: int, overrides: li
         return res
     data = json.loads(line[len("RESULT "):])
     res.step_s, res.breakdown, res.phases = data["step_s"], data["breakdown"], data.get("phases", {})
+    res.rss_growth_mb = data.get("peak_rss_mb", {})
     res.median_step_s = statistics.median(res.step_s)
     res.samples_per_s = round(BATCH / res.median_step_s, 2)
     return res
@@ -287,6 +289,18 @@ def run_floor(python: Path, bench: Path, model_dir: Path, arch: str, steps: int,
 # ------------------------------------------------------------------------------------------------ our side
 
 
+def vm_hwm_mb() -> float:
+    """This process's peak RSS so far (Linux ``VmHWM``), 0.0 where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 class PhaseProfile:
     """Exclusive CPU and wall seconds per phase of our PPO step, by wrapping the calls the trainer makes.
 
@@ -295,6 +309,8 @@ class PhaseProfile:
     every ``log`` call, so each PPO step yields one record."""
 
     def __init__(self) -> None:
+        self.hwm_growth: dict[str, float] = {}  # MB by which each phase raised the process's peak RSS (all steps)
+        self.hwm_start = vm_hwm_mb()
         self.acc: dict[str, list[float]] = {}
         self.stack: list[list[float]] = []  # [cpu_start, wall_start, cpu_in_children, wall_in_children]
         self.mark = (time.process_time(), time.perf_counter())
@@ -305,6 +321,7 @@ class PhaseProfile:
         prof = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            hwm0 = vm_hwm_mb()
             prof.stack.append([time.process_time(), time.perf_counter(), 0.0, 0.0])
             try:
                 return orig(*args, **kwargs)
@@ -312,6 +329,9 @@ class PhaseProfile:
                 c0, w0, cc, wc = prof.stack.pop()
                 cpu, wall = time.process_time() - c0, time.perf_counter() - w0
                 label = name() if callable(name) else name
+                grown = vm_hwm_mb() - hwm0
+                if grown > 0 and not prof.stack:  # charged to the outermost wrapped call only
+                    prof.hwm_growth[label] = prof.hwm_growth.get(label, 0.0) + grown
                 slot = prof.acc.setdefault(label, [0.0, 0.0])
                 slot[0] += cpu - cc
                 slot[1] += wall - wc
@@ -408,6 +428,11 @@ def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list
     breakdown = {k.removeprefix("time/"): round(statistics.median(h[k] for h in timed), 4) for k in keys}
     breakdown["first_step_s"] = round(stamps[0] - t0, 3)
     result: dict[str, Any] = {"step_s": step_s, "breakdown": breakdown}
+    if prof is not None:
+        # where the peak RSS comes from: after loading, then what each phase added to it (first step included)
+        result["peak_rss_mb"] = {"after load": round(prof.hwm_start, 1),
+                                 **{k: round(v, 1) for k, v in sorted(prof.hwm_growth.items(), key=lambda kv: -kv[1])},
+                                 "final": round(vm_hwm_mb(), 1)}
     if phases:
         timed_phases = phases[1:]
         names = sorted({k for p in timed_phases for k in p}, key=lambda k: -max(p.get(k, {"cpu": 0})["cpu"] for p in timed_phases))
@@ -472,6 +497,10 @@ def phase_table(rows: list[dict[str, Any]]) -> str:
             v, tot = ph.get(n, {"cpu": 0.0, "wall": 0.0}), ph["total"]["cpu"] or 1.0
             cells.append(f"{v['cpu']:.3f} ({100 * v['cpu'] / tot:.0f}%) / {v['wall']:.3f}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak RSS (MB): after loading, then how much each phase raised it (all steps), then the final peak:", ""]
+    for r in cols:
+        growth = r["ours"].get("rss_growth_mb") or {}
+        lines.append(f"- {r['arch']} {r['size']}: " + ", ".join(f"{k} {v:.0f}" for k, v in growth.items()))
     return "\n".join(lines)
 
 
