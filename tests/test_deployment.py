@@ -143,17 +143,25 @@ def test_pipeline_deployment_trains_on_the_gpu_pool(tmp_path, tiny_models):
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     logs = tmp_path / "logs"
+    t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         # entered first, so it is stopped last: workers go down before the server they talk to
         stack.enter_context(ManagedProcess(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], log_path=logs / "server.log",
             health=lambda: http_ok(f"{api.url}/health"), env=env, cwd=tmp_path, name="prefect server",
         ))
-        for pool in ("cpu", "gpu"):
-            prefect_cli(env, "work-pool", "create", pool, "--type", "process")
-        prefect_cli(env, "--no-prompt", "deploy", "--all")
-        deps = {f"{d['name']}": d for d in api("POST", "/deployments/filter", {})}
-        assert {"nightly", "train-gpu", "evaluate-cpu", "promote-cpu"} <= set(deps)
+        phases = {"server": time.monotonic() - t0}
+        # both pools at once: each `prefect` command spends most of its time importing prefect
+        creators = [
+            subprocess.Popen([PREFECT, "work-pool", "create", pool, "--type", "process"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for pool in ("cpu", "gpu")
+        ]
+        for proc in creators:
+            out, _ = proc.communicate(timeout=180)
+            assert proc.returncode == 0, out[-3000:]
+        phases["pools"] = time.monotonic() - t0
+        # workers start polling while the deployments register, so their start-up overlaps `prefect deploy`
         workers = {
             pool: stack.enter_context(ManagedProcess(
                 [PREFECT, "worker", "start", "--pool", pool, "--type", "process"], log_path=logs / f"worker-{pool}.log",
@@ -161,6 +169,10 @@ def test_pipeline_deployment_trains_on_the_gpu_pool(tmp_path, tiny_models):
             ))
             for pool in ("cpu", "gpu")
         }
+        prefect_cli(env, "--no-prompt", "deploy", "--all")
+        phases["deploy"] = time.monotonic() - t0
+        deps = {f"{d['name']}": d for d in api("POST", "/deployments/filter", {})}
+        assert {"nightly", "train-gpu", "evaluate-cpu", "promote-cpu"} <= set(deps)
 
         # the nightly cron produces scheduled runs at 02:00 UTC (they appear a few seconds after deploy)
         nightly = deps["nightly"]["id"]
@@ -188,6 +200,7 @@ def test_pipeline_deployment_trains_on_the_gpu_pool(tmp_path, tiny_models):
             f"--- gpu worker ---\n{workers['gpu'].log_tail()}"
         )
         assert run["work_pool_name"] == "cpu"
+        phases["pipeline"] = time.monotonic() - t0
 
         # its training sub-run ran as the train deployment, on the gpu pool, executed by the gpu worker
         train_runs = api.runs_of(deps["train-gpu"]["id"])
@@ -213,3 +226,4 @@ def test_pipeline_deployment_trains_on_the_gpu_pool(tmp_path, tiny_models):
     assert train_mlflow.data.tags["mlflow.parentRunId"] == parent.info.run_id
     version = tracking.get_version(cfg.registered_model_name, summary["version"])
     assert version.run_id == train_mlflow.info.run_id
+    print("seconds since start:", {k: round(v, 1) for k, v in phases.items()})
