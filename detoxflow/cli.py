@@ -64,10 +64,18 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 def _setup_env() -> None:
     # Prefect's ephemeral server with analytics on hits "database is locked" on SQLite.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API migrates its SQLite database on first start; 20 s (Prefect's default) is not enough on a
+    # busy 2-core machine, where `detoxflow run` then fails before any stage runs.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP threads that spin while waiting make torch several times slower on a shared machine; torch reads
+    # this when its thread pool starts, which is after this point (heavy imports happen inside commands).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=os.environ.get("DETOXFLOW_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # every Prefect API call (one per training step for the progress artifact) would otherwise log a line
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @config_app.command("show")

@@ -203,6 +203,10 @@ class OrchestrationConfig(_Section):
     mode: Literal["local", "team"] = Field("local", description="team: training runs as the train deployment on the gpu pool")
     train_deployment: str = "train/train-gpu"
     cache: bool = True
+    poll_seconds: float = Field(2.0, gt=0.0, description="team: how often the pipeline polls the train deployment's run")
+    train_timeout_s: float | None = Field(
+        None, gt=0.0, description="team: give up waiting for the train run after this long (None = wait; training can take hours)"
+    )
 
 
 class Config(_Section):
