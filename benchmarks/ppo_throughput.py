@@ -444,6 +444,20 @@ def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list
 # ------------------------------------------------------------------------------------------------ report
 
 
+def combine(results: list[SideResult]) -> dict[str, Any]:
+    """Several repeats of one side -> the repeat with the median samples/s, the worst peak RSS, the load range,
+    and every repeat under ``reps``."""
+    ok = sorted((r for r in results if r.samples_per_s), key=lambda r: r.samples_per_s or 0.0)
+    mid = asdict(ok[(len(ok) - 1) // 2] if ok else results[0])
+    mid["peak_rss_mb"] = max((r.peak_rss_mb for r in results if r.peak_rss_mb is not None), default=None)
+    loads = [x for r in results for x in (r.load_before, r.load_after) if x is not None]
+    mid["load_before"], mid["load_after"] = (min(loads), max(loads)) if loads else (None, None)
+    mid["error"] = next((r.error for r in results if r.error), None)
+    if len(results) > 1:
+        mid["reps"] = [asdict(r) for r in results]
+    return mid
+
+
 def fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -455,7 +469,7 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, p, f = r.get("ours"), r.get("peer"), r.get("floor")
-        ratio = o["samples_per_s"] / p["samples_per_s"] if o and p and o["samples_per_s"] and p["samples_per_s"] else None
+        ratio = r.get("ratio")  # the median of the per-repeat ratios
         loads = [s[k] for s in (o, p, f) if s for k in ("load_before", "load_after") if s.get(k) is not None]
         load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
         lines.append(
@@ -513,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall (the real figure, quiet machine) or cpu: process CPU time, a load-robust proxy on a "
                          "shared machine (use it with --threads 1)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each side this many times, alternating which goes first; figures are medians and the "
+                         "ratio is the median of the per-repeat ratios (use 3+ on a busy machine)")
     ap.add_argument("--only", choices=["both", "ours", "peer"], default="both")
     ap.add_argument("--floor", action="store_true", help="also time the shared floor.py on the same model dirs")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -530,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1:
         ap.error("--steps must be at least 1")
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if a.worker:
         worker(a.model_dir, a.archs, a.steps, a.threads, a.overrides, a.profile)
         return 0
@@ -555,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now().astimezone()
     meta = {"date": started.isoformat(timespec="seconds"), "host": platform.node(), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "threads": a.threads, "clock": a.clock, "steps": a.steps, "overrides": a.overrides, "load_at_start": list(os.getloadavg()),
+            "threads": a.threads, "clock": a.clock, "steps": a.steps, "repeats": a.repeats,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "overrides": a.overrides, "load_at_start": list(os.getloadavg()),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "settings": {"batch": BATCH, "mini_batch": MINI_BATCH, "ppo_epochs": 1, "new_tokens": NEW_TOKENS,
                          "lora": "r=8 alpha=16 dropout=0.05", "kl": "adaptive from 0.2", "reward": "alt-profanity-check"}}
@@ -576,14 +596,25 @@ def main(argv: list[str] | None = None) -> int:
             if a.floor:
                 runs.append(("floor", run_floor, (peer_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
                                                   a.clock)))
-            for side, fn, fn_args in runs:
-                res = fn(*fn_args)
-                row[side] = asdict(res)
-                status = res.error.splitlines()[-1] if res.error else (
-                    f"{res.samples_per_s:.2f} samples/s, peak RSS {res.peak_rss_mb:.0f} MB")
-                print(f"  {arch:4s} {size:5s} {side:5s}: {status}  (load {res.load_before}->{res.load_after})", flush=True)
-                if res.error:
-                    print(res.error, file=sys.stderr)
+            done: dict[str, list[SideResult]] = {side: [] for side, _, _ in runs}
+            for rep in range(a.repeats):
+                # alternate the order, so that neither side always runs first (load drifts within a run)
+                for side, fn, fn_args in runs if rep % 2 == 0 else runs[::-1]:
+                    res = fn(*fn_args)
+                    done[side].append(res)
+                    status = res.error.splitlines()[-1] if res.error else (
+                        f"{res.samples_per_s:.2f} samples/s, peak RSS {res.peak_rss_mb:.0f} MB")
+                    print(f"  {arch:4s} {size:5s} {side:5s}: {status}  (load {res.load_before}->{res.load_after})",
+                          flush=True)
+                    if res.error:
+                        print(res.error, file=sys.stderr)
+            for side, results in done.items():
+                row[side] = combine(results)
+            if done.get("ours") and done.get("peer"):
+                ratios = [o.samples_per_s / p.samples_per_s for o, p in zip(done["ours"], done["peer"], strict=True)
+                          if o.samples_per_s and p.samples_per_s]
+                row["ratio_reps"] = [round(x, 3) for x in ratios]
+                row["ratio"] = round(statistics.median(ratios), 3) if ratios else None
             rows.append(row)
 
     print()
