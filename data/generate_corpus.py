@@ -204,6 +204,7 @@ def job_interview(d: Draw, heated: bool) -> Scene:
     company = d.pick(["Green Valley", "Bright Star", "Northwind", "Blue Ocean", "Maple Tech", "Sunrise Foods", "Atlas Travel"])
     years = d.pick(["two", "three", "four", "five", "six", "ten"])
     start = d.pick(WEEKDAYS[:5] + ["next month", "the first of June", "next week"])
+    on_start = start if start.startswith("next") else f"on {start}"
     t = [
         (1, d.one(f"Good morning. Please introduce yourself.", "Thanks for coming in. Could you tell me about yourself?")),
         (2, d.one(f"My name is {name}. I'm applying for the {job} position at {company}.", f"I'm {name}, and I'd like to work as {an(job)} at {company}.")),
@@ -214,13 +215,12 @@ def job_interview(d: Draw, heated: bool) -> Scene:
         t += [(1, "Why did you leave your last job?"), (2, d.one("My boss was impossible!", "That place was a nightmare.") + " " + angry(d)),
               (1, d.one("Let's stay calm and professional, please.", "I'd prefer a calmer answer."))]
     t += [
-        (1, d.one(f"Can you start on {start}?", f"Would {start} be a good start date for you?")),
+        (1, d.one(f"Can you start {on_start}?", f"Would {start} be a good start date for you?")),
         (2, d.one("Yes, that works.", "Sure, no problem.")),
         (1, d.one("Great, we'll be in touch soon.", "Thank you, we'll call you next week.")),
     ]
     extra = " and gets angry about a former boss" if heated else ""
-    summ = f"{name} interviews for the {job} position at {company}{extra}. {name} has {years} years of experience and can start on {start}."
-    summ = summ.replace("on next", "next").replace("on the first", "on the first")
+    summ = f"{name} interviews for the {job} position at {company}{extra}. {name} has {years} years of experience and can start {on_start}."
     return Scene(t, summ, "job interview")
 
 
