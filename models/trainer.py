@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from detoxflow.config import Config, KLConfig
 from detoxflow.models import monitors
@@ -88,8 +89,6 @@ def train(
         logger.info("resuming from %s (step %d of %d)", latest, start, pc.steps)
     else:
         _seed_everything(cfg.seed)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=pc.steps, initial=min(start, pc.steps), desc="ppo", unit="step")
     for step in range(start + 1, pc.steps + 1):
