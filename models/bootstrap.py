@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from filelock import FileLock, Timeout
@@ -35,6 +35,9 @@ from detoxflow.config import DataConfig
 from detoxflow.paths import cache_dir, data_dir
 
 from .data import Record, build_prompt, load_split
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ def ensure_embedded(arch: Arch) -> Path:
         with lock.acquire(timeout=LOCK_TIMEOUT_S):
             if target.is_dir():  # another process built it while we waited
                 return target
+            logger.info("building the embedded %s model into %s (first use; about 1.5 minutes of one CPU core)",
+                        arch, target)
             _build_atomically(settings, target)
     except Timeout:
         raise RuntimeError(f"waited {LOCK_TIMEOUT_S} s for another build of {target.name}; if no detoxflow process is "
@@ -171,7 +176,7 @@ def _build(settings: BootstrapSettings, out_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def train_tokenizer(records: list[Record], settings: BootstrapSettings):  # -> PreTrainedTokenizerFast
+def train_tokenizer(records: list[Record], settings: BootstrapSettings) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the corpus (no unknown characters, no sentencepiece needed)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -197,7 +202,7 @@ def train_tokenizer(records: list[Record], settings: BootstrapSettings):  # -> P
                                    model_max_length=1024, padding_side="left")
 
 
-def _make_model(settings: BootstrapSettings, tokenizer) -> torch.nn.Module:  # noqa: ANN001
+def _make_model(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
     if settings.arch == "t5":
@@ -227,7 +232,7 @@ def _make_model(settings: BootstrapSettings, tokenizer) -> torch.nn.Module:  # n
     return model
 
 
-def _encode(settings: BootstrapSettings, tokenizer, record: Record) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def _encode(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast, record: Record) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one record; labels are -100 where no loss is taken.
 
     T5: input = prompt (+ </s>), labels = summary (+ </s>). GPT-2: one sequence prompt + " " + summary + eos
@@ -244,7 +249,7 @@ def _encode(settings: BootstrapSettings, tokenizer, record: Record) -> tuple[lis
     return src + tgt, [-100] * len(src) + tgt
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], arch: str, pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: input_ids / attention_mask (B, S) and labels (B, L) (-100 on padding)."""
     def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)
@@ -306,7 +311,7 @@ def _train(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], 
     losses: list[float] = []
     bar = tqdm(_batches(examples, settings), desc=f"bootstrap {settings.arch}", unit="step", mininterval=1.0)
     for idx in bar:
-        loss = _loss(model, _collate([examples[i] for i in idx], settings.arch, pad_id), settings.arch)
+        loss = _loss(model, _collate([examples[i] for i in idx], pad_id), settings.arch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -325,7 +330,7 @@ def _mean_loss(model: torch.nn.Module, examples: list[tuple[list[int], list[int]
         return float("nan")
     losses = []
     for i in range(0, len(examples), settings.batch_size):
-        losses.append(_loss(model, _collate(examples[i:i + settings.batch_size], settings.arch, pad_id), settings.arch).item())
+        losses.append(_loss(model, _collate(examples[i:i + settings.batch_size], pad_id), settings.arch).item())
     return sum(losses) / len(losses)
 
 
