@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": started.isoformat(timespec="seconds"), "host": platform.node(), "cpus": os.cpu_count(),
             "config": str(a.config), "overrides": a.overrides, "threads": a.threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_at_end": list(os.getloadavg()),
             "command": " ".join(["e2e.py", *(argv if argv is not None else sys.argv[1:])])}
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"\nresults: {out}")
