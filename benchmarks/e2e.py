@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.config.is_file():
         ap.error(f"--config {a.config}: no such file")
     root = a.root.resolve() if a.root else Path(tempfile.mkdtemp(prefix="detoxflow-e2e-"))
+    if a.root:
+        root.mkdir(parents=True, exist_ok=True)
     if "cold" in modes and a.root and any(root.iterdir()):
         ap.error(f"--root {root} is not empty: a cold run needs an empty folder (or leave --root out)")
     started = dt.datetime.now().astimezone()
