@@ -135,7 +135,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float | int) else "-" for c in cols]
         hits = ",".join(k for k, v in r.get("cached", {}).items() if v) or "none"
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + f" | {hits} | {r.get('builds_in_run', '-')} "
-                     f"| {r['load_before']:.1f}-{r['load_after']:.1f} |")
+                     f"| {min(r['load_before'], r['load_after']):.1f}-{max(r['load_before'], r['load_after']):.1f} |")
     return "\n".join(lines)
 
 
