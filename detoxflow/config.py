@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,9 @@ class DataConfig(_Section):
         return self
 
 
+EMBEDDED_MODELS = ("embedded:t5", "embedded:gpt2")
+
+
 class ModelConfig(_Section):
     name_or_path: str = Field(
         "embedded:t5",
@@ -68,6 +71,15 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_embedded(cls, value: str) -> str:
+        # keep in step with models/bootstrap.py SETTINGS (not imported here: it pulls in torch)
+        if value.startswith("embedded:") and value not in EMBEDDED_MODELS:
+            raise ValueError(f"unknown embedded model; use one of {', '.join(EMBEDDED_MODELS)}, "
+                             "a hub id or a local directory")
+        return value
 
 
 class LoraSection(_Section):

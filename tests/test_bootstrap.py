@@ -202,3 +202,9 @@ def test_saved_layout_loads_with_generation_defaults(embedded):
     assert g_tok.pad_token is not None and g_tok.pad_token_id != g_tok.eos_token_id
     assert AutoConfig.from_pretrained(embedded["gpt2"]).model_type == "gpt2"
     assert g_tok.convert_ids_to_tokens(g_tok("#Person2# says")["input_ids"])[0] == "#Person2#"
+
+
+def test_config_knows_every_embedded_model() -> None:
+    from detoxflow.config import EMBEDDED_MODELS
+
+    assert set(EMBEDDED_MODELS) == {bootstrap.EMBEDDED_PREFIX + arch for arch in bootstrap.SETTINGS}

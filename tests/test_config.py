@@ -50,6 +50,7 @@ def test_digest_changes_with_content() -> None:
         ("ppo:\n  cliprange: -1\n", [], ["ppo.cliprange", "-1", "greater than 0"]),
         ("lora:\n  r: 0\n", [], ["lora.r", "greater than or equal to 1"]),
         ("model:\n  arch: rnn\n", [], ["model.arch", "rnn", "seq2seq"]),
+        ("", ["model.name_or_path=embedded:llama"], ["model.name_or_path", "embedded:llama", "embedded:gpt2"]),
         ("", ["ppo.kl.target=0"], ["ppo.kl.target", "greater than 0"]),
         ("ppo:\n  batch_size: 10\n  mini_batch_size: 4\n", [], ["ppo", "multiple of mini_batch_size"]),
         ("data:\n  prompt_template: 'Summarise:'\n", [], ["data", "{dialogue}"]),
