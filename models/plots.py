@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 # Candidate keys for each curve, first present wins: the trainer's names (docs/architecture.md) first.
 SCORE_KEYS = ("objective/scores", "objective/rlhf_reward")
@@ -152,4 +153,104 @@ def kl_frontier(points: Sequence[Mapping[str, float | str]], path: str | Path) -
     ax.set_xlabel("KL to the reference (nats per sequence)")
     ax.set_ylabel("toxicity drop vs baseline (%)")
     ax.set_title("KL sweep: toxicity drop vs KL vs quality")
+    return _save(fig, path)
+
+
+# Panels of :func:`sweep_panels`: (point key, y label, monitor threshold kind). Threshold kinds: "ratio" (alarm
+# above baseline x factor), "drop" (alarm below baseline x (1 - factor)), "band" (alarm outside baseline
+# x (1 ± factor)), "abs" (alarm above the value), None (no alarm on this metric).
+SWEEP_PANELS: tuple[tuple[str, str, str | None], ...] = (
+    ("toxicity_drop", "toxicity drop vs baseline (%)", None),
+    ("rouge_l", "ROUGE-L", None),
+    ("ref_perplexity", "reference perplexity", "ratio"),
+    ("distinct_2", "distinct-2", "drop"),
+    ("length_mean", "response length (tokens)", "band"),
+    ("top_token_share", "top-5 word share", "abs"),
+)
+DECISION_COLORS = {"promoted": "tab:green", "alarmed": "tab:red", "rejected": "tab:grey"}
+
+
+def _threshold_lines(kind: str | None, base: float | None, factor: float | None) -> list[float]:
+    if kind is None or factor is None:
+        return []
+    if kind == "abs":
+        return [factor]
+    if base is None or not math.isfinite(base):
+        return []
+    return {"ratio": [base * factor], "drop": [base * (1 - factor)], "band": [base * (1 - factor), base * (1 + factor)]}[kind]
+
+
+def sweep_panels(
+    points: Sequence[Mapping[str, float | str]],
+    baseline: Mapping[str, float],
+    path: str | Path,
+    thresholds: Mapping[str, float] | None = None,
+) -> Path:
+    """The KL sweep, one panel per metric against KL (symlog x: an unpenalised run's KL can be 100x the others).
+
+    ``points``: one per setting with ``kl`` and the keys of :data:`SWEEP_PANELS` (a missing key leaves a gap),
+    ``label`` and ``status`` ('promoted', 'alarmed' or 'rejected', which colours the marker). ``baseline``: the
+    same keys for the policy before training (drawn as a dashed line; ``toxicity_drop`` is 0 there).
+    ``thresholds``: the alarm settings ``ref_perplexity`` (ratio), ``distinct_2`` (relative drop),
+    ``length_mean`` (relative change), ``top_token_share`` (absolute), drawn as red dotted lines.
+    """
+    if not points:
+        raise ValueError("sweep_panels: no points; the sweep produced no finished runs")
+    for i, p in enumerate(points):
+        if "kl" not in p:
+            raise ValueError(f"sweep_panels: point #{i} ({p.get('label', '?')}) lacks kl")
+    thresholds = thresholds or {}
+    fig = Figure(figsize=(13, 7))
+    axes = fig.subplots(2, 3).ravel()
+    kl = np.asarray([float(p["kl"]) for p in points])
+    for ax, (key, ylabel, kind) in zip(axes, SWEEP_PANELS):
+        scale = 100.0 if key == "toxicity_drop" else 1.0
+        for x, p in zip(kl, points):
+            if key not in p or not math.isfinite(float(p[key])):
+                continue
+            y = scale * float(p[key])
+            ax.scatter([x], [y], s=70, edgecolors="black", color=DECISION_COLORS.get(str(p.get("status")), "tab:blue"))
+            ax.annotate(str(p.get("label", "")), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        base = 0.0 if key == "toxicity_drop" else baseline.get(key)
+        if base is not None and math.isfinite(float(base)):
+            ax.axhline(scale * float(base), color="black", linestyle="--", linewidth=1, label="baseline")
+        for i, y in enumerate(_threshold_lines(kind, None if base is None else float(base), thresholds.get(key))):
+            ax.axhline(y, color="tab:red", linestyle=":", linewidth=1.2, label="alarm threshold" if i == 0 else None)
+        if key == "ref_perplexity":
+            ax.set_yscale("log")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("KL to the reference (nats per sequence)")
+        ax.set_ylabel(ylabel)
+        ax.margins(x=0.2, y=0.15)
+        ax.legend(fontsize=7, loc="best")
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="black", label=s)
+        for s, c in DECISION_COLORS.items()
+    ]
+    fig.suptitle("KL sweep: what each KL setting bought (toxicity) and cost (quality, monitors)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, title="gate decision", title_fontsize=9,
+               bbox_to_anchor=(0.5, -0.02))
+    return _save(fig, path)
+
+
+def sweep_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
+    """Training curves of every sweep setting on shared axes: score, KL (symlog) and response length per step.
+
+    ``histories``: setting label -> the trainer's history (one metric dict per step)."""
+    if not histories or not any(histories.values()):
+        raise ValueError("sweep_curves: no training histories")
+    fig = Figure(figsize=(13, 3.8))
+    panels = fig.subplots(1, 3)
+    specs = ((SCORE_KEYS, "reward score"), (KL_KEYS, "KL (nats per sequence)"), (LENGTH_KEYS, "response length (tokens)"))
+    for ax, (keys, title) in zip(panels, specs):
+        for label, history in histories.items():
+            if (s := _series(history, keys)) is not None:
+                ax.plot(s[1], s[2], marker=".", markersize=3, linewidth=1, label=label)
+        if keys is KL_KEYS:
+            ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    panels[0].legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, path)
