@@ -196,6 +196,9 @@ def test_one_parent_run_with_a_child_run_per_setting(sweep):
         assert run.data.metrics["eval/toxicity_mean"] == pytest.approx(rows[label]["toxicity_after"])
         arts = {a.path for a in cli.list_artifacts(run.info.run_id)}
         assert {"model", "eval", "train", "sweep"} <= arts
+        # the exaggeration probe is logged per training step and measured on the held-out responses
+        assert len(cli.get_metric_history(run.info.run_id, "env/exaggeration_share")) == cfg.ppo.steps
+        assert "eval/exaggeration_share" in run.data.metrics
     assert by_setting["no KL"].data.params["sweep.ppo.kl.init_coef"] == "0.0"
     assert by_setting["no KL"].data.metrics["objective/kl_coef"] == 0.0
     assert by_setting["adaptive 3"].data.metrics["objective/kl_coef"] == pytest.approx(0.1)

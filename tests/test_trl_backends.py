@@ -126,7 +126,7 @@ def test_scorer_reward_clips_penalises_short_completions_and_logs_monitors() -> 
     logged: dict[str, list[float]] = {}
     out = reward(
         prompts=["p", "p", "p"],
-        completions=[" thanks a lot", " idiot", " thanks"],
+        completions=[" thanks, the best day ever", " idiot", " thanks"],
         completion_ids=[[5, 6, 7], [9, 0], [5, 0]],  # 3 tokens; 1 + EOS; 1 + EOS
         log_metric=lambda k, v: logged.setdefault(k, []).append(v),
     )
@@ -136,6 +136,8 @@ def test_scorer_reward_clips_penalises_short_completions_and_logs_monitors() -> 
     assert logged["objective/toxicity"] == [pytest.approx(1 / 3)]
     assert logged["env/length_penalty_rows"] == [pytest.approx(2 / 3)]
     assert {"env/distinct_1", "env/distinct_2", "env/repetition"} <= set(logged)
+    # the exaggeration probe, per step: one completion in three gushes
+    assert logged["env/exaggeration_share"] == [pytest.approx(1 / 3)]
     assert length_shortfall(torch.tensor([0, 2, 5]), 3).tolist() == [3, 1, 0]
 
 
@@ -187,7 +189,7 @@ def test_training_raises_the_reward(backend: str, sharp_gpt2: Path, tmp_path: Pa
     kl_key = "objective/kl"
     for metrics, _ in calls:
         assert {"objective/scores", "objective/toxicity", kl_key, "objective/kl_coef", "objective/entropy",
-                "env/response_length", "env/distinct_2", "loss/total"} <= set(metrics)
+                "env/response_length", "env/distinct_2", "env/exaggeration_share", "loss/total"} <= set(metrics)
         assert metrics["objective/kl_coef"] == 0.05
     scores = [m["objective/scores"] for m, _ in calls]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
