@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -112,6 +113,10 @@ def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: st
     ids = [r.id for r in records]
     tracking.log_split(cfg.data.train_split, digest, cfg.data.source, ids, "training", run_id=run_id)
     prompts = [build_prompt(cfg.data.prompt_template, r) for r in records]
+    # Policy.load draws the LoRA A matrices from the global torch RNG, which earlier stages of this process
+    # (the baseline's own Policy.load) may have consumed: unseeded, a cold pipeline (baseline generated in
+    # this process) and a warm one (baseline cached) trained from different adapters with the same seed.
+    torch.manual_seed(cfg.seed)
     policy = Policy.load(cfg.model, cfg.lora)
     scorer = build_scorer(cfg.reward)
     out_dir = train_dir(cfg, work_key)
