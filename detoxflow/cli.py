@@ -182,12 +182,28 @@ def promote(
 
 
 @app.command()
-def sweep(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+def sweep(
+    config: ConfigOpt = Path("configs/sweep.yaml"),
+    set_: SetOpt = None,
+    settings: Annotated[Optional[Path], typer.Option(
+        help="YAML list of settings, e.g. [{label: rloo, ppo.backend: rloo}]; default: no KL, two fixed, two adaptive")] = None,
+) -> None:
     """Train at several KL settings and chart the reward-hacking frontier (the `kl_sweep` flow)."""
     cfg = _load(config, set_)
-    from detoxflow.flows.kl_sweep import kl_sweep
+    points = None
+    if settings is not None:
+        import yaml
 
-    out.print_json(json.dumps(kl_sweep(cfg), default=str))
+        if not settings.is_file():
+            raise UserError(f"--settings {settings}: no such file; give a YAML list of settings")
+        points = yaml.safe_load(settings.read_text(encoding="utf-8"))
+        if not isinstance(points, list):
+            raise UserError(f"--settings {settings}: expected a YAML list of settings, got {type(points).__name__}")
+    from detoxflow.flows.kl_sweep import kl_sweep
+    from detoxflow.tasks.sweep import resolve_settings
+
+    resolve_settings(cfg, points)  # a bad setting fails here, before Prefect and MLflow start
+    out.print_json(json.dumps(kl_sweep(cfg, points), default=str))
 
 
 @app.command()

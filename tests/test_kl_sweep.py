@@ -289,3 +289,25 @@ def test_sweep_plots_draw_panels_with_thresholds_and_curves(tmp_path):
         plots.sweep_panels([{"label": "a"}], base, tmp_path / "x.png")
     with pytest.raises(ValueError, match="no training histories"):
         plots.sweep_curves({"a": []}, tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_cli_sweep_settings_file_must_be_a_list_and_bad_settings_fail_before_training(tmp_path):
+    """`detoxflow sweep --settings FILE`: a non-list file or a bad setting exits 2 with the reason, nothing trained."""
+    import os
+    import subprocess
+    import sys
+
+    def cli(settings: str) -> subprocess.CompletedProcess[str]:
+        f = tmp_path / "settings.yaml"
+        f.write_text(settings, encoding="utf-8")
+        return subprocess.run([sys.executable, "-m", "detoxflow.cli", "sweep", "--config", str(ROOT / "configs" / "sweep.yaml"),
+                               "--settings", str(f)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DETOXFLOW_WORK_DIR": str(tmp_path / "work"),
+                                   "PREFECT_HOME": str(tmp_path / "prefect")})
+
+    r = cli("label: x\n")
+    assert r.returncode == 2 and "expected a YAML list of settings, got dict" in r.stderr, r.stderr[-2000:]
+    r = cli("- {label: greedy, generation.do_sample: false}\n")
+    assert r.returncode == 2 and "cannot override generation.do_sample" in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "work").glob("runs/*/*/train"))
