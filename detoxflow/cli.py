@@ -146,13 +146,43 @@ def run(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -
 
 
 @app.command()
-def train(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+def train(
+    config: ConfigOpt = Path("configs/default.yaml"),
+    set_: SetOpt = None,
+    num_processes: Annotated[
+        Optional[int],
+        typer.Option("--num-processes", "-n", min=1,
+                     help="data-parallel processes, started with accelerate launch (sets orchestration.train_processes)"),
+    ] = None,
+) -> None:
     """Run PEFT-PPO training alone (the `train` flow), tracked in MLflow; resumes from the latest checkpoint."""
-    cfg = _load(config, set_)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would start its own flow run and MLflow run; the flow launches the ranks itself instead
+        raise UserError(
+            "train: started by a multi-process launcher (WORLD_SIZE is set). Run `detoxflow train --num-processes N` "
+            "without accelerate launch / torchrun: it starts the N processes itself, and only rank 0 logs to MLflow"
+        )
+    overrides = [*(set_ or []), *([f"orchestration.train_processes={num_processes}"] if num_processes else [])]
+    cfg = _load(config, overrides)
     from detoxflow.flows.train import train_flow
 
     result = train_flow(cfg)
     out.print_json(json.dumps(result, default=str))
+
+
+@app.command("train-rank", hidden=True)
+def train_rank(
+    config_json: Annotated[Path, typer.Option(help="the run's config as JSON")],
+    run_id: Annotated[str, typer.Option(help="MLflow run that rank 0 logs to")],
+    work_key: Annotated[str, typer.Option(help="keys the checkpoint folder")],
+    result: Annotated[Path, typer.Option(help="where rank 0 writes the result JSON")],
+    expected_train_digest: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """One rank of a multi-process training run; started by `accelerate launch` from the train_ppo task."""
+    cfg = Config.model_validate_json(config_json.read_text())
+    from detoxflow.tasks.training import run_rank
+
+    run_rank(cfg, run_id, work_key, result, expected_train_digest)
 
 
 @app.command()

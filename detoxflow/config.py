@@ -219,6 +219,11 @@ class OrchestrationConfig(_Section):
     train_timeout_s: float | None = Field(
         None, gt=0.0, description="team: give up waiting for the train run after this long (None = wait; training can take hours)"
     )
+    train_processes: int = Field(
+        1, ge=1, le=1024,
+        description="data-parallel training processes (accelerate launch: gloo on CPU, NCCL with one GPU each); "
+        "ppo.batch_size is per process",
+    )
 
 
 class Config(_Section):

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from detoxflow.config import Config, KLConfig
-from detoxflow.models import monitors
+from detoxflow.models import distributed, monitors
 from detoxflow.models import ppo as P
 from detoxflow.models.policy import Policy
 from detoxflow.models.reward import Scorer, scorer_input
@@ -51,6 +51,8 @@ class TrainResult:
     artifact_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint_dir: Path | None = None
+    # multi-process runs only: world_size and each rank's weights digest before and after training
+    distributed: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -65,8 +67,13 @@ def train(
     log: LogFn,
     resume: bool = True,
 ) -> TrainResult:
-    """Run ``cfg.ppo.steps`` PPO steps on ``prompts`` (templated queries); save the model to ``out_dir/model``."""
+    """Run ``cfg.ppo.steps`` PPO steps on ``prompts`` (templated queries); save the model to ``out_dir/model``.
+
+    Under a multi-process launch (:mod:`detoxflow.models.distributed`) every rank calls this with the same
+    arguments: each trains on its own ``ppo.batch_size`` shard of a global batch of ``batch_size * world_size``
+    prompts, gradients are averaged, and only rank 0 calls ``log`` and writes checkpoints and the model."""
     pc = cfg.ppo
+    dist = distributed.current()
     if pc.backend != "ppo":
         raise TrainingError(f"ppo.backend = '{pc.backend}': this trainer implements 'ppo'; set ppo.backend=ppo")
     if not prompts:
@@ -77,28 +84,38 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, weight_decay=0.0)
     scheduler = _make_scheduler(optimizer, pc.lr_schedule, pc.warmup_steps, pc.steps)
     kl_ctl = make_kl_controller(pc.kl)
-    fingerprint = run_fingerprint(cfg, prompts)
+    fingerprint = run_fingerprint(cfg, prompts, world_size=dist.world_size)
     history: list[dict[str, float]] = []
     start = 0
     latest = latest_checkpoint(ckpt_root) if resume else None
-    if not resume and ckpt_root.exists():
+    if not resume and ckpt_root.exists() and dist.is_main:
         logger.warning("resume=False: removing the old checkpoints in %s", ckpt_root)
         shutil.rmtree(ckpt_root)
     if latest is not None:
-        start, history = load_checkpoint(latest, policy, optimizer, scheduler, kl_ctl, fingerprint)
+        start, history = load_checkpoint(latest, policy, optimizer, scheduler, kl_ctl, fingerprint, rank=dist.rank)
         logger.info("resuming from %s (step %d of %d)", latest, start, pc.steps)
     else:
-        _seed_everything(cfg.seed)
+        # ranks sample different responses (seed + rank); rank 0 draws what a single process would
+        _seed_everything(cfg.seed + dist.rank)
+    # DDP's start: one set of weights everywhere (a fresh LoRA init draws from each rank's RNG)
+    dist.broadcast_(params)
+    digest_start = distributed.params_digest(params) if dist.enabled else None
 
-    bar = tqdm(total=pc.steps, initial=min(start, pc.steps), desc="ppo", unit="step")
+    bar = tqdm(total=pc.steps, initial=min(start, pc.steps), desc="ppo", unit="step", disable=not dist.is_main)
     for step in range(start + 1, pc.steps + 1):
-        metrics = ppo_step(cfg, policy, scorer, prompts, step, optimizer, kl_ctl, latest)
+        metrics = ppo_step(cfg, policy, scorer, prompts, step, optimizer, kl_ctl, latest, dist=dist)
         scheduler.step()
         history.append(metrics)
-        log(metrics, step)
+        if dist.is_main:
+            log(metrics, step)
         if step % pc.checkpoint_every == 0 or step == pc.steps:
-            latest = save_checkpoint(ckpt_root, step, policy, optimizer, scheduler, kl_ctl, history, fingerprint,
-                                     pc.keep_checkpoints)
+            # every rank's RNG state goes into rank 0's checkpoint, so a resumed rank goes on sampling its own way
+            rng_states = dist.gather_object(_rng_state()) if dist.enabled else None
+            if dist.is_main:
+                latest = save_checkpoint(ckpt_root, step, policy, optimizer, scheduler, kl_ctl, history, fingerprint,
+                                         pc.keep_checkpoints, rng_states=rng_states)
+            dist.barrier()
+            latest = latest_checkpoint(ckpt_root) if dist.enabled else latest
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}",
                         tox=f"{metrics['objective/toxicity']:.3f}")
         bar.update()
@@ -106,8 +123,26 @@ def train(
 
     extra = {"config": cfg.model_dump(mode="json"), "metrics": history[-1] if history else {},
              "train": {"steps": pc.steps, "kl_coef": kl_ctl.value}}
-    artifact = policy.save_artifact(out / "model", extra=extra)
-    return TrainResult(steps=pc.steps, artifact_dir=artifact, history=history, checkpoint_dir=latest)
+    artifact = out / "model"
+    if dist.is_main:
+        policy.save_artifact(artifact, extra=extra)
+    report = _check_ranks_agree(dist, params, digest_start) if dist.enabled else None
+    dist.barrier()  # no rank returns before the model is on disk
+    return TrainResult(steps=pc.steps, artifact_dir=artifact, history=history, checkpoint_dir=latest,
+                       distributed=report)
+
+
+def _check_ranks_agree(dist: distributed.Dist, params: list[torch.nn.Parameter], digest_start: str | None) -> dict[str, Any]:
+    """Gather every rank's weights digest (before and after training); raise if the ranks drifted apart."""
+    ends = dist.gather_object(distributed.params_digest(params))
+    starts = dist.gather_object(digest_start)
+    if len(set(ends)) != 1:
+        raise TrainingError(
+            f"after training the ranks hold different weights (digests {ends}), so their gradients were not "
+            "averaged and the saved model is rank 0's alone. Train with one process (orchestration.train_processes=1) "
+            "and report this"
+        )
+    return {"world_size": dist.world_size, "params_digest_start": starts, "params_digest_end": ends}
 
 
 def ppo_step(
@@ -119,8 +154,10 @@ def ppo_step(
     optimizer: torch.optim.Optimizer,
     kl_ctl: P.AdaptiveKLController | P.FixedKLController,
     last_checkpoint: Path | None,
+    dist: distributed.Dist = distributed.SINGLE,
 ) -> dict[str, float]:
-    """One PPO step (1-based ``step``); returns its metrics. Raises TrainingError on non-finite numbers."""
+    """One PPO step (1-based ``step``); returns its metrics (means over the ranks when ``dist`` has several).
+    Raises TrainingError on non-finite numbers."""
     pc, gen = cfg.ppo, cfg.generation
     t0 = time.perf_counter()
     where = f"step {step}"
@@ -128,7 +165,9 @@ def ppo_step(
            else "no checkpoint was written yet, so a rerun starts over")
 
     # 1. sample a batch of prompts (a seeded pass over the prompts, without replacement within an epoch)
-    idx = batch_indices(len(prompts), pc.batch_size, step, cfg.seed)
+    # (several processes: this rank's shard of a global batch of batch_size * world_size prompts)
+    idx = distributed.shard(batch_indices(len(prompts), pc.batch_size * dist.world_size, step, cfg.seed),
+                            dist.rank, dist.world_size)
     batch_prompts = [prompts[i] for i in idx]
     query_ids, query_mask = policy.encode_queries(batch_prompts, cfg.data.max_query_tokens)
 
@@ -178,13 +217,13 @@ def ppo_step(
 
     # 8. PPO epochs over shuffled mini-batches, gradient accumulation, clipping; stop early if approx-KL runs away
     update = ppo_update(cfg, policy, optimizer, step, query_ids, query_mask, response_ids, mask,
-                        old_logprobs, old_values, advantages, returns, where, fix)
+                        old_logprobs, old_values, advantages, returns, where, fix, dist=dist)
     t_upd = time.perf_counter()
 
     # 9. adapt the KL coefficient to the KL this batch actually had (nats per sequence)
     seq_kl = P.masked_sum(kl, mask, dim=1)
-    mean_kl = float(seq_kl.mean())
-    kl_ctl.update(mean_kl, pc.batch_size)
+    mean_kl = dist.mean(float(seq_kl.mean()))  # every rank's controller must see the same KL
+    kl_ctl.update(mean_kl, pc.batch_size * dist.world_size)
 
     # 10. metrics: objective, policy, losses, value, reward-hacking monitors
     stats = monitors.response_stats(texts, mask, ref_logprobs)
@@ -208,7 +247,7 @@ def ppo_step(
         "time/update_s": t_upd - t_fwd,
         "time/step_s": time.perf_counter() - t0,
     }
-    return metrics
+    return dist.mean_metrics(metrics)
 
 
 def ppo_update(
@@ -226,6 +265,7 @@ def ppo_update(
     returns: torch.Tensor,
     where: str,
     fix: str,
+    dist: distributed.Dist = distributed.SINGLE,
 ) -> dict[str, float]:
     """``ppo_epochs`` passes over the batch ``(B, ...)`` in shuffled mini-batches; one optimizer step per
     mini-batch, accumulated over ``gradient_accumulation_steps`` micro-batches. Returns mean statistics."""
@@ -264,6 +304,8 @@ def ppo_update(
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                     mb_kl += float(pg["approxkl"]) / pc.gradient_accumulation_steps
                     n_micro += 1
+                dist.average_gradients_(params)  # DDP's all-reduce: the same step on every rank
+                mb_kl = dist.mean(mb_kl)  # and the same early-stop decision
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, pc.max_grad_norm)
                 sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + float(grad_norm)
                 optimizer.step()
@@ -352,12 +394,15 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def run_fingerprint(cfg: Config, prompts: Sequence[str]) -> str:
-    """What a checkpoint must agree with to be resumed: model, adapter, reward, sampling, PPO settings, prompts.
-    Step count and checkpoint cadence may change between runs (to extend a run)."""
+def run_fingerprint(cfg: Config, prompts: Sequence[str], world_size: int = 1) -> str:
+    """What a checkpoint must agree with to be resumed: model, adapter, reward, sampling, PPO settings, prompts,
+    and the number of processes (it sets the global batch). Step count and checkpoint cadence may change
+    between runs (to extend a run)."""
     dump = cfg.model_dump(mode="json")
     ppo = {k: v for k, v in dump["ppo"].items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
     payload = {s: dump[s] for s in ("model", "lora", "reward", "generation")} | {"ppo": ppo, "seed": cfg.seed}
+    if world_size > 1:  # absent for one process, so single-process checkpoints keep their fingerprint
+        payload["world_size"] = world_size
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     for p in prompts:
         h.update(p.encode())
@@ -413,6 +458,7 @@ def save_checkpoint(
     history: list[dict[str, float]],
     fingerprint: str,
     keep: int,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically (temp folder + rename), then drop all but the ``keep`` newest."""
     root.mkdir(parents=True, exist_ok=True)
@@ -429,6 +475,8 @@ def save_checkpoint(
             "rng": _rng_state(),
             "history": history,
         }
+        if rng_states is not None:
+            state["rng_ranks"] = rng_states
         torch.save(state, tmp / CHECKPOINT_FILE)
         (tmp / "meta.json").write_text(json.dumps({"step": step, "metrics": history[-1] if history else {}}, indent=2))
         if dest.exists():
@@ -451,6 +499,7 @@ def load_checkpoint(
     scheduler: Any,
     kl_ctl: P.AdaptiveKLController | P.FixedKLController,
     fingerprint: str,
+    rank: int = 0,
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore everything :func:`save_checkpoint` wrote; returns (step, history)."""
     state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
@@ -463,5 +512,5 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_controller"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"])
     return int(state["step"]), list(state["history"])

@@ -7,8 +7,12 @@ over. Deterministic failures (NaN, bad data, bad config) are not retried: they w
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +26,18 @@ from prefect.states import State
 
 from detoxflow import tracking
 from detoxflow.config import Config, ConfigError
-from detoxflow.models import plots, trainer
+from detoxflow.models import distributed, plots, trainer
 from detoxflow.models.data import DataError, build_prompt, load_split, split_digest
 from detoxflow.models.policy import Policy, PolicyError
 from detoxflow.models.reward import RewardError, build_scorer
-from detoxflow.paths import work_dir
+from detoxflow.paths import PROJECT_ROOT, work_dir
 from detoxflow.tasks.reporting import TrainingProgress
 
 logger = logging.getLogger(__name__)
 
 RESULT_ARTIFACT = "train/result.json"  # the train flow's return value, for a pipeline on another machine
 TAG_FLOW_RUN = "detoxflow.prefect_flow_run_id"
+ACCELERATE_CONFIG_ENV = "DETOXFLOW_ACCELERATE_CONFIG"  # an accelerate config file instead of infra/accelerate/ddp*.yaml
 
 # Failures that a retry would reproduce exactly: fail fast instead of training twice.
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
@@ -98,10 +103,41 @@ def train_summary(history: list[dict[str, float]]) -> dict[str, float]:
 def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: str | None = None) -> dict[str, Any]:
     """Train on the train split, log curves and the model to MLflow run ``run_id``; return small values only.
 
+    With ``orchestration.train_processes`` N > 1 the training runs in N processes started by ``accelerate
+    launch`` (data-parallel; rank 0 logs to ``run_id``) and this task waits for them.
+
     Returns ``{"run_id", "model_uri" (runs:/<run_id>/model), "artifact_dir", "checkpoint_dir", "steps",
-    "train_digest", "summary" (train/*), "last" (the last step's metrics)}``."""
+    "train_digest", "summary" (train/*), "last" (the last step's metrics)}``, plus ``"distributed"``
+    (world size, every rank's weights digest before and after) for a multi-process run."""
     log = get_run_logger()
-    tracking.setup(cfg)
+    n = cfg.orchestration.train_processes
+    if n > 1:
+        result = launch_training(cfg, run_id, work_key, expected_train_digest)
+    else:
+        progress = TrainingProgress(cfg.ppo.steps, cfg.name)
+        result = train_and_log(cfg, run_id, work_key, expected_train_digest, on_step=progress.update)
+    summary = result["summary"]
+    log.info("trained %d steps%s: KL %.3f, score %.3f; model in %s", result["steps"],
+             f" in {n} processes" if n > 1 else "", summary.get("train/kl_mean", math.nan),
+             summary.get("train/scores_mean", math.nan), result["artifact_dir"])
+    return result
+
+
+def train_and_log(
+    cfg: Config,
+    run_id: str,
+    work_key: str,
+    expected_train_digest: str | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The body of :func:`train_ppo`, free of Prefect so that every rank of a launch can run it.
+
+    Every rank loads the data and the policy and trains; only rank 0 talks to MLflow (split lineage, metrics,
+    curves, the model) and calls ``on_step``. Returns the same dict on every rank."""
+    dist = distributed.current()
+    main = dist.is_main
+    if main:
+        tracking.setup(cfg)
     records = load_split(cfg.data, cfg.data.train_split)
     digest = split_digest(records)
     if expected_train_digest is not None and digest != expected_train_digest:
@@ -110,9 +146,10 @@ def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: st
             f"data.source={cfg.data.source!r}: split '{cfg.data.train_split}' has digest {digest} here but "
             f"{expected_train_digest} where the pipeline prepared it. Give both machines the same data."
         )
-    ids = [r.id for r in records]
-    tracking.log_split(cfg.data.train_split, digest, cfg.data.source, ids, "training", run_id=run_id)
     prompts = [build_prompt(cfg.data.prompt_template, r) for r in records]
+    if main:
+        tracking.log_split(cfg.data.train_split, digest, cfg.data.source, [r.id for r in records], "training",
+                           run_id=run_id)
     # Policy.load draws the LoRA A matrices from the global torch RNG, which earlier stages of this process
     # (the baseline's own Policy.load) may have consumed: unseeded, a cold pipeline (baseline generated in
     # this process) and a warm one (baseline cached) trained from different adapters with the same seed.
@@ -120,22 +157,23 @@ def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: st
     policy = Policy.load(cfg.model, cfg.lora)
     scorer = build_scorer(cfg.reward)
     out_dir = train_dir(cfg, work_key)
-    metrics_log = tracking.metric_logger(run_id)
-    progress = TrainingProgress(cfg.ppo.steps, cfg.name)
+    log_step: trainer.LogFn = _no_log
+    if main:
+        metrics_log = tracking.metric_logger(run_id)
 
-    def log_step(metrics: dict[str, float], step: int) -> None:
-        metrics_log(metrics, step)
-        progress.update(step)
+        def log_step(metrics: dict[str, float], step: int) -> None:
+            metrics_log(metrics, step)
+            if on_step is not None:
+                on_step(step)
 
     result = train_backend(cfg.ppo.backend)(cfg, policy, scorer, prompts, out_dir, log=log_step, resume=True)
     summary = train_summary(result.history)
-    tracking.log_metrics(summary, step=result.steps, run_id=run_id)
-    tracking.log_json(result.history, "train/history.json", run_id=run_id)
-    tracking.log_model_dir(result.artifact_dir, run_id=run_id)
-    _log_curves(result.history, out_dir, cfg.ppo.kl.target, run_id)
-    log.info("trained %d steps: KL %.3f, score %.3f; model in %s", result.steps, summary.get("train/kl_mean", math.nan),
-             summary.get("train/scores_mean", math.nan), result.artifact_dir)
-    return {
+    if main:
+        tracking.log_metrics(summary, step=result.steps, run_id=run_id)
+        tracking.log_json(result.history, "train/history.json", run_id=run_id)
+        tracking.log_model_dir(result.artifact_dir, run_id=run_id)
+        _log_curves(result.history, out_dir, cfg.ppo.kl.target, run_id)
+    out: dict[str, Any] = {
         "run_id": run_id,
         "model_uri": f"runs:/{run_id}/model",
         "artifact_dir": str(result.artifact_dir),
@@ -145,6 +183,108 @@ def train_ppo(cfg: Config, run_id: str, work_key: str, expected_train_digest: st
         "summary": summary,
         "last": {k: float(v) for k, v in (result.history[-1] if result.history else {}).items()},
     }
+    info = getattr(result, "distributed", None)  # TRL backends train in one process and have none
+    if info is not None:
+        out["distributed"] = info
+        if main:
+            tracking.set_tags({"detoxflow.train_processes": str(info["world_size"])}, run_id=run_id)
+    return out
+
+
+def _no_log(metrics: dict[str, float], step: int) -> None:
+    """Ranks other than 0 log nothing: rank 0 logs the metrics averaged over all ranks."""
+
+
+# ------------------------------------------------------------------------------------- multi-process launch
+
+
+class LaunchError(RuntimeError):
+    """The multi-process training launch failed; the message carries the tail of the ranks' log.
+
+    Not in DETERMINISTIC_ERRORS: a killed process or a lost rank may pass on the retry (which resumes)."""
+
+
+def _trains_on_cuda(cfg: Config) -> bool:
+    return cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available())
+
+
+def accelerate_config(cfg: Config) -> Path:
+    """``$DETOXFLOW_ACCELERATE_CONFIG``, else infra/accelerate/ddp.yaml (NCCL) when training on CUDA, else
+    infra/accelerate/ddp-cpu.yaml (gloo)."""
+    env = os.environ.get(ACCELERATE_CONFIG_ENV)
+    if env:
+        path = Path(env)
+    else:
+        path = PROJECT_ROOT / "infra" / "accelerate" / ("ddp.yaml" if _trains_on_cuda(cfg) else "ddp-cpu.yaml")
+    if not path.is_file():
+        raise ConfigError(
+            f"orchestration.train_processes={cfg.orchestration.train_processes}: accelerate config {path} not found. "
+            f"Run from a detoxflow checkout (infra/accelerate/) or set ${ACCELERATE_CONFIG_ENV} to a config file"
+        )
+    return path
+
+
+def launch_command(cfg: Config, config_json: Path, run_id: str, work_key: str, result_json: Path,
+                   expected_train_digest: str | None) -> list[str]:
+    """``accelerate launch --num_processes N -m detoxflow.cli train-rank ...``: N ranks of :func:`run_rank`."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(accelerate_config(cfg)),
+        "--num_processes", str(cfg.orchestration.train_processes),
+        "--main_process_port", "0",  # a free port: several launches may share a machine
+        "-m", "detoxflow.cli", "train-rank",
+        "--config-json", str(config_json), "--run-id", run_id, "--work-key", work_key, "--result", str(result_json),
+    ]
+    if expected_train_digest is not None:
+        cmd += ["--expected-train-digest", expected_train_digest]
+    return cmd
+
+
+def launch_training(cfg: Config, run_id: str, work_key: str, expected_train_digest: str | None) -> dict[str, Any]:
+    """Run :func:`train_and_log` in ``orchestration.train_processes`` processes and return rank 0's result.
+
+    The ranks' output goes to ``<train dir>/launch/ranks.log``; the config travels as JSON, so overrides and
+    defaults are exactly those of this run."""
+    if cfg.ppo.backend != "ppo":
+        raise ConfigError(
+            f"orchestration.train_processes={cfg.orchestration.train_processes} with ppo.backend={cfg.ppo.backend}: "
+            "only the ppo backend trains data-parallel; set orchestration.train_processes=1"
+        )
+    launch_dir = train_dir(cfg, work_key) / "launch"
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    config_json = launch_dir / "config.json"
+    config_json.write_text(cfg.model_dump_json(indent=2))
+    result_json = launch_dir / "result.json"
+    result_json.unlink(missing_ok=True)
+    ranks_log = launch_dir / "ranks.log"
+    cmd = launch_command(cfg, config_json, run_id, work_key, result_json, expected_train_digest)
+    logger.info("launching %d training processes; their log: %s", cfg.orchestration.train_processes, ranks_log)
+    # OpenMP threads that spin while waiting starve the other ranks on a shared CPU (the CLI sets the same)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    with ranks_log.open("ab") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                              check=False)
+    if proc.returncode != 0 or not result_json.is_file():
+        tail = ranks_log.read_text(errors="replace")[-4000:]
+        raise LaunchError(
+            f"multi-process training ({cfg.orchestration.train_processes} processes) exited with code "
+            f"{proc.returncode}. Command: {' '.join(cmd)}\n--- last lines of {ranks_log} ---\n{tail}"
+        )
+    return dict(json.loads(result_json.read_text()))
+
+
+def run_rank(cfg: Config, run_id: str, work_key: str, result_json: Path, expected_train_digest: str | None) -> None:
+    """One rank of :func:`launch_training` (``detoxflow train-rank``): join the group, train, and on rank 0
+    write the result for the launching task."""
+    dist = distributed.init(cpu=not _trains_on_cuda(cfg))
+    try:
+        result = train_and_log(cfg, run_id, work_key, expected_train_digest)
+        if dist.is_main:
+            tmp = result_json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2, default=str))
+            os.replace(tmp, result_json)
+    finally:
+        distributed.shutdown()
 
 
 def _log_curves(history: list[dict[str, float]], out_dir: Path, kl_target: float, run_id: str) -> None:

@@ -1,0 +1,142 @@
+"""Data-parallel training: `orchestration.train_processes: 2` runs the trainer in two processes started by
+`accelerate launch` on CPU (gloo).
+
+- the pure parts: each rank's shard of a step's batch, the no-op single-process context, the checkpoint
+  fingerprint (unchanged for one process), the launch command, the CLI refusing a bare launcher;
+- the real thing (slow): the pipeline with a 2-process training of a tiny T5: both ranks train, their weights
+  are equal after training and differ from the start (gradients averaged), and only rank 0 logs to MLflow
+  (one train run, one metric point per step) and one model version is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detoxflow.config import load_config
+from detoxflow.models import distributed
+from detoxflow.models.trainer import batch_indices, run_fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_rank_shards_partition_each_global_batch(world: int) -> None:
+    n, per_rank = 13, 3
+    for step in range(1, 8):
+        global_batch = batch_indices(n, per_rank * world, step, seed=5)
+        shards = [distributed.shard(global_batch, r, world) for r in range(world)]
+        assert all(len(s) == per_rank for s in shards)
+        assert [i for s in shards for i in s] == global_batch  # together: the whole batch, in order
+    # rank 0 of one process sees exactly what the single-process trainer saw
+    assert distributed.shard(batch_indices(n, 3, 2, 5), 0, 1) == batch_indices(n, 3, 2, 5)
+    with pytest.raises(ValueError, match="does not split evenly"):
+        distributed.shard(list(range(5)), 0, 2)
+
+
+def test_single_process_context_is_a_no_op() -> None:
+    d = distributed.current()
+    assert d == distributed.SINGLE and d.is_main and not d.enabled
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    d.average_gradients_([p])
+    d.broadcast_([p])
+    d.barrier()
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(p.data, torch.ones(3))
+    assert d.mean(1.5) == 1.5 and d.mean_metrics({"a": 1.0}) == {"a": 1.0} and d.gather_object(7) == [7]
+    a, b = torch.zeros(4), torch.zeros(4)
+    assert distributed.params_digest([a]) == distributed.params_digest([b])
+    b[2] = 1e-7
+    assert distributed.params_digest([a]) != distributed.params_digest([b])
+
+
+def test_fingerprint_is_unchanged_for_one_process_and_names_the_world_size() -> None:
+    cfg = load_config(None, [])
+    prompts = ["a", "b"]
+    assert run_fingerprint(cfg, prompts) == run_fingerprint(cfg, prompts, world_size=1)
+    assert run_fingerprint(cfg, prompts, world_size=2) != run_fingerprint(cfg, prompts)
+
+
+def test_launch_command_runs_accelerate_on_the_cpu_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detoxflow.tasks.training import ACCELERATE_CONFIG_ENV, launch_command
+
+    monkeypatch.delenv(ACCELERATE_CONFIG_ENV, raising=False)
+    cfg = load_config(None, ["model.device=cpu", "orchestration.train_processes=3"])
+    cmd = launch_command(cfg, tmp_path / "c.json", "run1", "key1", tmp_path / "r.json", "abcd")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(ROOT / "infra/accelerate/ddp-cpu.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "3"
+    assert cmd[cmd.index("-m", 3) + 1 : cmd.index("-m", 3) + 3] == ["detoxflow.cli", "train-rank"]
+    assert cmd[-2:] == ["--expected-train-digest", "abcd"]
+    monkeypatch.setenv(ACCELERATE_CONFIG_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="missing.yaml not found"):
+        launch_command(cfg, tmp_path / "c.json", "run1", "key1", tmp_path / "r.json", None)
+
+
+def test_cli_train_refuses_to_run_under_a_bare_launcher() -> None:
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    res = subprocess.run([sys.executable, "-m", "detoxflow.cli", "train", "--num-processes", "2"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "--num-processes N" in res.stderr and "without accelerate launch" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------ two processes
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_process_gloo_training_averages_gradients_and_only_rank0_logs(tmp_path: Path, tiny_models) -> None:
+    from test_flows import CORPUS, tiny_config, write_split
+
+    from detoxflow import tracking
+    from detoxflow.flows.pipeline import pipeline
+
+    if not (CORPUS / "train.jsonl").is_file():
+        pytest.skip("the shipped corpus data/*.jsonl is missing")
+    write_split(CORPUS / "train.jsonl", tmp_path / "data" / "train.jsonl", 12)
+    write_split(CORPUS / "test.jsonl", tmp_path / "data" / "test.jsonl", 4)
+    steps = 2
+    cfg = tiny_config(tmp_path, tiny_models["t5"], "ddp",
+                      "orchestration.train_processes=2", f"ppo.steps={steps}", "ppo.batch_size=2",
+                      "ppo.mini_batch_size=2", "ppo.learning_rate=1e-2")
+
+    state = pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    tracking.setup(cfg)
+    client = tracking.client()
+    train_run = client.get_run(summary["mlflow"]["train_run_id"])
+    result = json.loads(Path(client.download_artifacts(train_run.info.run_id, "train/result.json",
+                                                       str(tmp_path / "dl"))).read_text())
+    ddp = result["distributed"]
+    assert ddp["world_size"] == 2
+    start, end = ddp["params_digest_start"], ddp["params_digest_end"]
+    assert len(end) == 2 and end[0] == end[1], "both ranks must hold the same weights after training"
+    assert start[0] == start[1] and end[0] != start[0], "training must have changed the (shared) weights"
+
+    # both ranks joined the gloo group and trained (each logs its own line)
+    ranks_log = (Path(result["artifact_dir"]).parent / "launch" / "ranks.log").read_text()
+    for rank in (0, 1):
+        assert f"rank {rank} of 2 joined the process group (backend gloo" in ranks_log
+
+    # only rank 0 logged: one train run, one point per step (rank 1 logging would double them)
+    exp = train_run.info.experiment_id
+    trains = client.search_runs([exp], filter_string=f"tags.`{tracking.TAG_STAGE}` = 'train'")
+    assert [r.info.run_id for r in trains] == [train_run.info.run_id]
+    assert train_run.data.tags["detoxflow.train_processes"] == "2"
+    kl = client.get_metric_history(train_run.info.run_id, "objective/kl")
+    assert sorted(m.step for m in kl) == list(range(1, steps + 1))
+    # ... and one version was registered, from that run
+    versions = client.search_model_versions(f"name = '{cfg.registered_model_name}'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", train_run.info.run_id)]
