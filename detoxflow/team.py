@@ -583,6 +583,8 @@ class TeamStack:
 
     def worker_env(self) -> dict[str, str]:
         env = {**self._base_env(), **self.env}
+        # flow runs (and training ranks) share the cores: OpenMP threads that spin while waiting starve them
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if self.worker_query_seconds is not None:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(self.worker_query_seconds)
         return env

@@ -8,6 +8,10 @@ set -eu
 : "${DETOXFLOW_POOL:?set DETOXFLOW_POOL to the work pool to serve: cpu or gpu}"
 : "${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI, e.g. http://mlflow:5000}"
 
+# Flow runs inherit this: OpenMP threads that spin while they wait make torch several times slower when several
+# flow runs (or training ranks) share the cores.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+
 # The worker creates its pool (type process) when it does not exist yet; `detoxflow deploy` does the same.
 exec prefect worker start \
   --pool "$DETOXFLOW_POOL" \
