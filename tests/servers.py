@@ -318,3 +318,48 @@ def start_postgres(tmpdir: Path | None = None, *, port: int | None = None) -> It
         with contextlib.suppress(ServerError, subprocess.TimeoutExpired):
             _run_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], log)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- Prefect REST
+
+FINAL_FLOW_RUN_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def prefect_api(api_url: str, method: str, path: str, body: dict | None = None) -> dict | list:
+    """One call of the Prefect server's REST API (no client settings involved: the test names the server)."""
+    import json
+
+    req = urllib.request.Request(f"{api_url}/{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 (test-only, 127.0.0.1)
+        return json.loads(resp.read())
+
+
+def create_deployment_run(api_url: str, name: str, parameters: dict) -> dict:
+    """Create (schedule now) a flow run of deployment ``flow/deployment``; a worker of its pool picks it up."""
+    dep = prefect_api(api_url, "GET", f"deployments/name/{name}")
+    return prefect_api(api_url, "POST", f"deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+
+
+def wait_flow_runs(api_url: str, run_ids: Sequence[str], timeout: float = 240.0, poll: float = 1.0) -> list[dict]:
+    """Poll until every flow run is in a final state; returns them in the order of ``run_ids``."""
+    deadline = time.monotonic() + timeout
+    runs: dict[str, dict] = {}
+    while True:
+        for rid in run_ids:
+            if rid not in runs or runs[rid]["state_type"] not in FINAL_FLOW_RUN_STATES:
+                runs[rid] = prefect_api(api_url, "GET", f"flow_runs/{rid}")
+        pending = [r for r in runs.values() if r["state_type"] not in FINAL_FLOW_RUN_STATES]
+        if not pending:
+            return [runs[rid] for rid in run_ids]
+        if time.monotonic() > deadline:
+            states = ", ".join(f"{r['name']}: {r['state_type']}" for r in pending)
+            raise AssertionError(f"flow runs not final after {timeout:.0f} s: {states}")
+        time.sleep(poll)
+
+
+def run_deployment(api_url: str, name: str, parameters: dict, timeout: float = 240.0) -> dict:
+    """Create a flow run of deployment ``flow/deployment`` and wait for a final state."""
+    run = create_deployment_run(api_url, name, parameters)
+    return wait_flow_runs(api_url, [run["id"]], timeout)[0]

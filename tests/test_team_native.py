@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+import servers
 from detoxflow.doctor import run_doctor
 from detoxflow.team import TeamError, TeamPorts, TeamStack, deploy_all, free_port, http_get, postgres_bin_dir
 
@@ -146,24 +147,12 @@ def hello_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def api(stack: TeamStack, method: str, path: str, body: dict | None = None) -> dict | list:
-    req = urllib.request.Request(f"{stack.prefect_api_url}/{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=15) as resp:
-        return json.loads(resp.read())
+    return servers.prefect_api(stack.prefect_api_url, method, path, body)
 
 
 def run_deployment(stack: TeamStack, name: str, parameters: dict, timeout: float = 240.0) -> dict:
     """Create a flow run of deployment 'flow/deployment' and wait for a final state (REST: no client settings)."""
-    dep = api(stack, "GET", f"deployments/name/{name}")
-    run = api(stack, "POST", f"deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = api(stack, "GET", f"flow_runs/{run['id']}")
-        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        time.sleep(1.0)
-    raise AssertionError(f"flow run of {name} still {run['state_type']} after {timeout:.0f} s")
+    return servers.run_deployment(stack.prefect_api_url, name, parameters, timeout)
 
 
 @pytest.fixture(scope="module")
