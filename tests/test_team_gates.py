@@ -202,8 +202,18 @@ def test_eight_concurrent_gates_leave_one_right_champion(stack: TeamStack, tiny_
     # a version promoted after the final champion would be the champion: each promotion beat the one before
     promoted = [v for v in versions if v.tags["promotion.decision"] == "promote"]
     assert promoted, "nobody was promoted"
-    before = {v.version: v.tags["promotion.champion_before"] for v in promoted}
-    assert list(before.values()).count("none") == 1, f"two gates both saw no champion: {before}"
+    before = {str(v.version): v.tags["promotion.champion_before"] for v in promoted}
+    # serialised gates promote in a chain: none -> a -> b -> ... -> champion, each against the one before;
+    # two gates that read the champion at the same time both promote against the same predecessor
+    chain = {prev: version for version, prev in before.items()}
+    assert len(chain) == len(before), f"two gates promoted against the same champion: {before}"
+    walk, cur = [], "none"
+    while cur in chain:
+        cur = chain[cur]
+        walk.append(cur)
+    assert sorted(walk) == sorted(before) and walk[-1] == expected, f"promotions do not form one chain: {before}"
+    tox = {str(k): t for k, (_, t, _) in enumerate(VERSIONS, start=1)}
+    assert all(tox[a] > tox[b] for a, b in zip(walk, walk[1:])), f"a promotion made things worse: {walk}"
 
     # eight promote runs in MLflow, one per version
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
