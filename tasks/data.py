@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from detoxflow.config import Config
 from detoxflow.models.data import Record, build_prompt, load_split, split_digest
 from detoxflow.paths import work_dir
-from detoxflow.tasks.caching import PREPARE_POLICY
+
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def log_lineage(data: dict[str, Any], run_id: str | None) -> None:
     tracking.log_split(data["eval_split"], data["eval_digest"], data["source"], eval_ids, "evaluation", run_id=run_id)
 
 
-@task(name="prepare_data", cache_policy=PREPARE_POLICY, persist_result=True, result_serializer="json")
+# Uncached as declared: the cache (PREPARE_POLICY) is bound per run by with_cache(), with result storage under
+# cfg.work_dir; a default-storage cache would be shared by every work dir and hand one run the files of another.
+@task(name="prepare_data", cache_policy=NO_CACHE, persist_result=False)
 def prepare_data(cfg: Config) -> dict[str, Any]:
     """Load both splits, check they are usable and disjoint, write prompts and eval records.
 

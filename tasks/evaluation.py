@@ -24,7 +24,7 @@ from detoxflow.models.monitors import alarms as monitor_alarms
 from detoxflow.models.policy import Policy
 from detoxflow.models.reward import build_scorer
 from detoxflow.paths import work_dir
-from detoxflow.tasks.caching import BASELINE_POLICY, baseline_key
+from detoxflow.tasks.caching import baseline_key
 from detoxflow.tasks.data import _write_atomic, read_records
 from detoxflow.tasks.reporting import publish_samples
 
@@ -76,7 +76,9 @@ def log_evaluation(evaluation: dict[str, Any], run_id: str, artifact_dir: str) -
     tracking.log_file(evaluation["result_path"], artifact_dir, run_id=run_id)
 
 
-@task(name="score_baseline", cache_policy=BASELINE_POLICY, persist_result=True, result_serializer="json")
+# Uncached as declared: the cache (BASELINE_POLICY) is bound per run by with_cache(), with result storage under
+# cfg.work_dir; a default-storage cache would be shared by every work dir and hand one run the files of another.
+@task(name="score_baseline", cache_policy=NO_CACHE, persist_result=False)
 def score_baseline(cfg: Config, data: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the policy before training (fresh LoRA adapter, B = 0: the base model) on the held-out split."""
     log = get_run_logger()
