@@ -25,6 +25,23 @@ pytestmark = [
 ]
 
 
+def _prepare(cfg):
+    """``prepare_data``'s body inside a flow run (its logger needs one), without the Prefect task machinery.
+
+    Called as a task outside a flow, it returned another pytest session's paths (pytest-111's, deleted, while
+    the test ran in pytest-115) once in a full-suite run, never alone; this test is about the data path, not
+    about Prefect's task results."""
+    from prefect import flow
+
+    from detoxflow.tasks.data import prepare_data
+
+    @flow(name="test-prepare-dialogsum")
+    def run(c):
+        return prepare_data.fn(c)
+
+    return run(cfg)
+
+
 def _cfg(tmp_path: Path, *overrides: str):
     return load_config(ROOT / "configs" / "default.yaml", [
         f"work_dir={tmp_path}", f"data.source={DIALOGSUM_DEV}", "data.max_eval_samples=200", *overrides,
@@ -32,21 +49,19 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 def test_dialogsum_prompts_prepare_as_in_the_results_evaluation(tmp_path):
-    from detoxflow.tasks.data import prepare_data, read_prompts, read_records
+    from detoxflow.tasks.data import read_prompts, read_records
 
     cfg = _cfg(tmp_path, "data.eval_split=train", "data.train_split=test")
-    data = prepare_data(cfg)
+    data = _prepare(cfg)
     evals = read_records(data["eval_records"])
     assert data["n_eval"] == len(evals) == 200  # capped by data.max_eval_samples
     assert [r.id for r in evals] == [r.id for r in load_split(cfg.data, "train")]  # the carve's first 200, in order
     assert all(r.id.startswith("dev_") and r.dialogue and r.summary for r in evals)
     train_ids = {i for i, _ in read_prompts(data["train_prompts"])}
     assert train_ids and not train_ids & {r.id for r in evals}
-    assert data["eval_digest"] == prepare_data(cfg)["eval_digest"]  # the same prompts on every run
+    assert data["eval_digest"] == _prepare(cfg)["eval_digest"]  # the same prompts on every run
 
 
 def test_the_whole_dev_file_cannot_be_the_eval_split_next_to_one_of_its_carves(tmp_path):
-    from detoxflow.tasks.data import prepare_data
-
     with pytest.raises(ValueError, match="Use disjoint splits"):
-        prepare_data(_cfg(tmp_path, "data.eval_split=dev", "data.train_split=train"))
+        _prepare(_cfg(tmp_path, "data.eval_split=dev", "data.train_split=train"))
