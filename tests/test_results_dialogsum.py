@@ -28,9 +28,9 @@ pytestmark = [
 def _prepare(cfg):
     """``prepare_data``'s body inside a flow run (its logger needs one), without the Prefect task machinery.
 
-    Called as a task outside a flow, it returned another pytest session's paths (pytest-111's, deleted, while
-    the test ran in pytest-115) once in a full-suite run, never alone; this test is about the data path, not
-    about Prefect's task results."""
+    Before fb1dda2 the task itself carried the prepare cache policy with Prefect's default result storage, so a
+    direct call returned another pytest session's paths (deleted files) in a full-suite run; this test is about
+    the data path, not about Prefect's task results."""
     from prefect import flow
 
     from detoxflow.tasks.data import prepare_data
