@@ -65,8 +65,8 @@ def _setup_env() -> None:
     # Prefect's ephemeral server with analytics on hits "database is locked" on SQLite.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API migrates its SQLite database on first start; 20 s (Prefect's default) is not enough on a
-    # busy 2-core machine, where `detoxflow run` then fails before any stage runs.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # busy 2-core machine, where `detoxflow run` then fails before any stage runs (120 s failed once at load 12-15).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
