@@ -103,6 +103,56 @@ def test_kl_is_zero_before_first_update(tiny_models, arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("gen", [GEN, GenerationConfig(max_new_tokens=12, min_new_tokens=12, temperature=0.7),
+                                 GenerationConfig(max_new_tokens=8, min_new_tokens=0, top_k=20, top_p=0.9)],
+                         ids=["sample", "fixed-length-temperature", "top-k-top-p"])
+def test_rollout_statistics_equal_the_full_forward(tiny_models, arch: str, gen: GenerationConfig) -> None:
+    """The logprobs, values and entropy the sampling loop collects are what PPO's full forward computes for the
+    same tokens (they replace the old no-grad forward): equal within float rounding, zero outside the mask."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    torch.manual_seed(3)
+    roll = policy.rollout(q, qm, gen)
+    torch.manual_seed(3)
+    r, rm = policy.generate(q, qm, gen)
+    assert torch.equal(roll.response_ids, r) and torch.equal(roll.response_mask, rm)  # one loop, same draws
+    assert roll.response_mask.sum(1).min() >= min(gen.min_new_tokens + 1, gen.max_new_tokens)
+    with torch.no_grad():
+        lp, v, ent = policy.forward(q, qm, r, rm, temperature=gen.temperature)
+    assert (lp - policy.ref_logprobs(q, qm, r, rm, temperature=gen.temperature)).abs().max() > 1e-2  # adapter acts
+    torch.testing.assert_close(roll.logprobs, lp, rtol=0, atol=1e-5)
+    # randomise_lora gives the value head N(0, 1) weights: values of order 10, so rounding shows at 1e-5 relative
+    torch.testing.assert_close(roll.values, v, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(roll.entropy, ent, rtol=0, atol=1e-5)
+    for x in (roll.logprobs, roll.values, roll.entropy):
+        assert x.shape == r.shape and torch.all(x[~rm] == 0)
+    assert not roll.logprobs.is_inference() and not roll.values.requires_grad
+
+
+def test_sample_token_filters_like_hf() -> None:
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from detoxflow.models.policy import sample_token
+
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_k, top_p in ((5, 1.0), (0, 0.8), (10, 0.5)):
+        scores = logits.clone()
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        allowed = torch.isfinite(scores)
+        torch.manual_seed(0)
+        picks = torch.stack([sample_token(logits, True, top_k, top_p) for _ in range(200)], 1)  # (64, 200)
+        assert torch.all(allowed.gather(1, picks))  # never a filtered token
+        assert allowed.sum() > 64  # and the filter left a choice
+    assert torch.equal(sample_token(logits, False), logits.argmax(-1))
+    banned = sample_token(logits, False, ban=int(logits[0].argmax()))
+    assert banned[0] != logits[0].argmax()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_batched_forward_equals_row_by_row(tiny_models, arch: str) -> None:
     """Padding (left for causal, right for T5, and after EOS) must not change any row's logprobs or values."""
     policy = load(tiny_models, arch)
