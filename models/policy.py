@@ -45,6 +45,12 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
+# Merging the LoRA for sampling saves per-op overhead, which dominates only while the matrices are small (tiny
+# models: generate -7 to -15%); it costs a copy of the targeted weights, which grows with the model (small
+# GPT-2: 85 MB of peak RSS, for under 1% of its generate time). Merge only while the copy is at most this large.
+MERGE_LORA_MAX_BYTES = 16 * 2**20
+
+
 class PolicyError(RuntimeError):
     """A model that cannot be used as a policy; the message names it and the fix."""
 
@@ -391,17 +397,22 @@ class Policy:
 
         The merged weights are new tensors swapped in under the same parameters; afterwards the parameters hold
         their original tensors again, bit-identical (PEFT's unmerge subtracts the delta, which does not round-trip
-        in floating point). Costs one transient copy of the targeted weights. Only under no_grad/inference mode."""
+        in floating point). Costs one transient copy of the targeted weights, so it is done only while that copy is
+        at most :data:`MERGE_LORA_MAX_BYTES`; above it the LoRA branches run as usual. Only under no_grad."""
         from peft.tuners.lora import LoraLayer
 
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and not m.merged]
+        copy_bytes = sum(m.get_base_layer().weight.nbytes for m in layers)
+        if copy_bytes > MERGE_LORA_MAX_BYTES:
+            yield
+            return
         swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
-            for module in self.model.modules():
-                if isinstance(module, LoraLayer) and not module.merged:
-                    weight = module.get_base_layer().weight
-                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-                    swapped.append((weight, weight.data))
-                    weight.data = weight.data + delta
+            for module in layers:
+                weight = module.get_base_layer().weight
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                swapped.append((weight, weight.data))
+                weight.data = weight.data + delta
             with self.model.disable_adapter():
                 yield
         finally:

@@ -139,6 +139,35 @@ def test_rollout_statistics_equal_the_full_forward(tiny_models, arch: str, gen: 
     assert not roll.logprobs.is_inference() and not roll.values.requires_grad
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rollout_merges_lora_only_under_the_size_limit(tiny_models, arch: str, monkeypatch) -> None:
+    """Sampling with the LoRA merged (tiny weights) and with the LoRA branches (over the copy limit) draw the same
+    tokens from the same seed and agree on the statistics; the merge really swaps weights while it lasts."""
+    import detoxflow.models.policy as policy_module
+
+    policy = load(tiny_models, arch)
+    randomise_lora(policy, trained_like=True)
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    gen = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    seen: list[bool] = []
+    layer = next(m for m in policy.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    original = layer.get_base_layer().weight.data_ptr()
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.get_base_layer().weight.data_ptr() == original))
+    try:
+        merged = policy.rollout(q, qm, gen)
+        assert seen and not any(seen)  # a merged copy was in place while sampling
+        seen.clear()
+        monkeypatch.setattr(policy_module, "MERGE_LORA_MAX_BYTES", 0)
+        plain = policy.rollout(q, qm, gen)
+        assert seen and all(seen)
+    finally:
+        hook.remove()
+    assert layer.get_base_layer().weight.data_ptr() == original
+    assert torch.equal(merged.response_ids, plain.response_ids)
+    torch.testing.assert_close(merged.logprobs, plain.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged.values, plain.values, rtol=1e-5, atol=1e-5)
+
+
 def test_sample_token_filters_like_hf() -> None:
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
