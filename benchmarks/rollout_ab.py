@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,16 +31,19 @@ from ppo_throughput import BATCH, LORA_TARGETS, NEW_TOKENS, PROMPT, cache_root
 
 def variants(arch: str, size: str, models_dir: Path) -> dict[str, Callable[[], object]]:
     import detoxflow.models.policy as policy_module
-    from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
     from detoxflow.models.policy import Policy
+
+    from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
 
     policy = Policy.load(ModelConfig(name_or_path=str(models_dir / size / arch), device="cpu"),
                          LoraSection(r=8, alpha=16, dropout=0.05, target_modules=LORA_TARGETS[arch]))
     q, qm = policy.encode_queries([PROMPT.format(i=i) for i in range(BATCH)], 512)
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, top_p=1.0)
-    hf_kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True, top_k=0, top_p=1.0,
-                     temperature=1.0, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True,
-                     pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id)
+    hf_kwargs: dict[str, object] = {
+        "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": True, "top_k": 0, "top_p": 1.0,
+        "temperature": 1.0, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "use_cache": True,
+        "pad_token_id": policy.pad_token_id, "eos_token_id": policy.eos_token_id,
+    }
     if policy.is_seq2seq:
         hf_kwargs["decoder_start_token_id"] = policy._decoder_start_token_id
 

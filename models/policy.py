@@ -339,9 +339,10 @@ class Policy:
         for these responses (equal up to float rounding), without a second forward.
 
         One ``model(...)`` call per token on the transformers model under the PEFT wrapper (LoRA layers stay in
-        place), instead of HF ``generate``: its logits processors, stopping criteria and input preparation cost
-        about a third of the sampling time at tiny sizes, and it cannot hand back the last hidden state the value
-        head reads without returning every layer's. Tokens after the first EOS are the pad id and masked out. Only
+        place), instead of HF ``generate``: its per-token machinery (logits processors, stopping criteria, input
+        preparation) is 30% of its time at tiny sizes, and it cannot hand back the last hidden state the value
+        head reads without returning every layer's. With the statistics, this loop takes about the time HF
+        ``generate`` takes for the tokens alone (docs/benchmarks.md, section 4). Tokens after the first EOS are the pad id and masked out. Only
         the configured sampling transforms run (temperature, top-k, top-p; EOS banned before ``min_new_tokens``):
         no repetition penalty or n-gram blocking, because PPO's logprobs must be those of the policy.
         """
@@ -394,7 +395,7 @@ class Policy:
     @contextmanager
     def _lora_merged(self) -> Iterator[None]:
         """For sampling: the targeted base weights hold ``W + delta`` and the LoRA branches are off, which saves two
-        small matmuls and PEFT's per-layer Python in every decoder call (a fifth of the rollout at tiny sizes).
+        small matmuls and PEFT's per-layer Python in every decoder call (5-17% of the rollout at tiny sizes).
 
         The merged weights are new tensors swapped in under the same parameters; afterwards the parameters hold
         their original tensors again, bit-identical (PEFT's unmerge subtracts the delta, which does not round-trip
