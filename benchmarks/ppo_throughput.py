@@ -362,6 +362,7 @@ def install_phase_profile(scorer: Any) -> PhaseProfile:
     prof = PhaseProfile()
     prof.wrap(Policy, "encode_queries", "tokenize")
     prof.wrap(Policy, "generate", "generate")
+    prof.wrap(Policy, "rollout", "rollout (sampling + old logprobs, values, entropy)")
     prof.wrap(Policy, "decode", "decode")
     prof.wrap(scorer, "score", "score (profanity-check)")
     prof.wrap(Policy, "forward", lambda: "policy fwd, train" if torch.is_grad_enabled() else "policy fwd, no grad")

@@ -171,9 +171,12 @@ def ppo_step(
     batch_prompts = [prompts[i] for i in idx]
     query_ids, query_mask = policy.encode_queries(batch_prompts, cfg.data.max_query_tokens)
 
-    # 2. generate responses with the current policy (adapter on, KV cache, no grad)
+    # 2. generate responses with the current policy (adapter on, KV cache, no grad); the same decoder passes give
+    #    the old logprobs, values and entropy of the sampled tokens, so no second no-grad forward is needed
     policy.set_train(False)
-    response_ids, response_mask = policy.generate(query_ids, query_mask, gen)
+    roll = policy.rollout(query_ids, query_mask, gen)
+    response_ids, response_mask = roll.response_ids, roll.response_mask
+    old_logprobs, old_values, entropy = roll.logprobs, roll.values, roll.entropy
     texts = policy.decode(response_ids, response_mask)
     t_gen = time.perf_counter()
 
@@ -184,11 +187,7 @@ def ppo_step(
     if pc.score_clip is not None:
         scores = scores.clamp(-pc.score_clip, pc.score_clip)
 
-    # 4. old logprobs + values (one forward, adapter on) and reference logprobs (one forward, adapter off)
-    with torch.no_grad():
-        old_logprobs, old_values, entropy = policy.forward(
-            query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature
-        )
+    # 4. reference logprobs (one forward, adapter off); old logprobs + values came with the rollout
     ref_logprobs = policy.ref_logprobs(query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature)
     _check_finite(old_logprobs, f"{where}: policy logprobs", fix)
     _check_finite(ref_logprobs, f"{where}: reference logprobs", fix)

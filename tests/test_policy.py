@@ -25,12 +25,16 @@ def load(tiny_models: dict[str, Path], arch: str, **model_kw) -> Policy:
     return Policy.load(ModelConfig(name_or_path=str(tiny_models[arch]), **model_kw), LoraSection(r=4, alpha=8))
 
 
-def randomise_lora(policy: Policy, seed: int = 1) -> None:
-    """LoRA B starts at zero (adapter = identity); give it weight so adapter on/off can differ."""
+def randomise_lora(policy: Policy, seed: int = 1, trained_like: bool = False) -> None:
+    """LoRA B starts at zero (adapter = identity); give it weight so adapter on/off can differ. ``trained_like``:
+    keep A's init and give B the size a trained adapter has (the LoRA update a fraction of the base weight)
+    rather than LoRA weights that swamp the base."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
-            if "lora_" in name:
+            if "lora_B" in name and trained_like:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_" in name and not trained_like:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         policy.value_head.weight.copy_(torch.randn(policy.value_head.weight.shape, generator=g))
 
@@ -100,6 +104,90 @@ def test_kl_is_zero_before_first_update(tiny_models, arch: str) -> None:
     assert torch.equal(logprobs, ref)
     assert logprobs.shape == values.shape == entropy.shape == r.shape
     assert torch.all(logprobs[rm] < 0) and torch.all(logprobs[~rm] == 0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("gen", [GEN, GenerationConfig(max_new_tokens=12, min_new_tokens=12, temperature=0.7),
+                                 GenerationConfig(max_new_tokens=8, min_new_tokens=0, top_k=20, top_p=0.9)],
+                         ids=["sample", "fixed-length-temperature", "top-k-top-p"])
+def test_rollout_statistics_equal_the_full_forward(tiny_models, arch: str, gen: GenerationConfig) -> None:
+    """The logprobs, values and entropy the sampling loop collects are what PPO's full forward computes for the
+    same tokens (they replace the old no-grad forward): equal within float rounding, zero outside the mask."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy, trained_like=True)
+    base = {n: (p.data_ptr(), p.detach().clone()) for n, p in policy.model.named_parameters() if "lora_" not in n}
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    torch.manual_seed(3)
+    roll = policy.rollout(q, qm, gen)
+    for n, p in policy.model.named_parameters():  # the LoRA merged for sampling is gone: same tensors, same bits
+        if n in base:
+            assert p.data_ptr() == base[n][0] and torch.equal(p, base[n][1]), n
+    torch.manual_seed(3)
+    r, rm = policy.generate(q, qm, gen)
+    assert torch.equal(roll.response_ids, r) and torch.equal(roll.response_mask, rm)  # one loop, same draws
+    assert roll.response_mask.sum(1).min() >= min(gen.min_new_tokens + 1, gen.max_new_tokens)
+    with torch.no_grad():
+        lp, v, ent = policy.forward(q, qm, r, rm, temperature=gen.temperature)
+    ref = policy.ref_logprobs(q, qm, r, rm, temperature=gen.temperature)
+    assert (lp - ref).abs().max() > 1e-2  # the adapter acts
+    torch.testing.assert_close(roll.logprobs, lp, rtol=0, atol=1e-5)
+    # randomise_lora gives the value head N(0, 1) weights: values of order 1-10, rounding shows at 1e-5 relative
+    torch.testing.assert_close(roll.values, v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(roll.entropy, ent, rtol=0, atol=1e-5)
+    for x in (roll.logprobs, roll.values, roll.entropy):
+        assert x.shape == r.shape and torch.all(x[~rm] == 0)
+    assert not roll.logprobs.is_inference() and not roll.values.requires_grad
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rollout_merges_lora_only_under_the_size_limit(tiny_models, arch: str, monkeypatch) -> None:
+    """Sampling with the LoRA merged (tiny weights) and with the LoRA branches (over the copy limit) draw the same
+    tokens from the same seed and agree on the statistics; the merge really swaps weights while it lasts."""
+    import detoxflow.models.policy as policy_module
+
+    policy = load(tiny_models, arch)
+    randomise_lora(policy, trained_like=True)
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    gen = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    seen: list[bool] = []
+    layer = next(m for m in policy.model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    original = layer.get_base_layer().weight.data_ptr()
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.get_base_layer().weight.data_ptr() == original))
+    try:
+        merged = policy.rollout(q, qm, gen)
+        assert seen and not any(seen)  # a merged copy was in place while sampling
+        seen.clear()
+        monkeypatch.setattr(policy_module, "MERGE_LORA_MAX_BYTES", 0)
+        plain = policy.rollout(q, qm, gen)
+        assert seen and all(seen)
+    finally:
+        hook.remove()
+    assert layer.get_base_layer().weight.data_ptr() == original
+    assert torch.equal(merged.response_ids, plain.response_ids)
+    torch.testing.assert_close(merged.logprobs, plain.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged.values, plain.values, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_token_filters_like_hf() -> None:
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from detoxflow.models.policy import sample_token
+
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_k, top_p in ((5, 1.0), (0, 0.8), (10, 0.5)):
+        scores = logits.clone()
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        allowed = torch.isfinite(scores)
+        torch.manual_seed(0)
+        picks = torch.stack([sample_token(logits, True, top_k, top_p) for _ in range(200)], 1)  # (64, 200)
+        assert torch.all(allowed.gather(1, picks))  # never a filtered token
+        assert allowed.sum() > 64  # and the filter left a choice
+    assert torch.equal(sample_token(logits, False), logits.argmax(-1))
+    banned = sample_token(logits, False, ban=int(logits[0].argmax()))
+    assert banned[0] != logits[0].argmax()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

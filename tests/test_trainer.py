@@ -91,7 +91,9 @@ def test_one_step_changes_only_lora_and_value_head(tiny_models, arch: str, tmp_p
     assert [s for s, _ in logged] == [1]
     metrics = logged[0][1]
     assert REQUIRED_KEYS <= metrics.keys()
-    assert metrics["objective/kl"] == 0.0 and metrics["objective/kl_k3"] == 0.0  # no update before the rollout
+    # no update before the rollout: KL 0, up to the float rounding between the rollout's incremental decoding
+    # (where the old logprobs come from) and the reference's full forward; a wrong adapter state gives > 1e-2
+    assert abs(metrics["objective/kl"]) < 1e-4 and abs(metrics["objective/kl_k3"]) < 1e-6
     assert all(isinstance(v, float) for v in metrics.values())
     assert result.steps == 1 and result.history == [metrics]
     assert (result.artifact_dir / "detoxflow.json").is_file()
