@@ -363,3 +363,26 @@ def run_deployment(api_url: str, name: str, parameters: dict, timeout: float = 2
     """Create a flow run of deployment ``flow/deployment`` and wait for a final state."""
     run = create_deployment_run(api_url, name, parameters)
     return wait_flow_runs(api_url, [run["id"]], timeout)[0]
+
+
+@contextlib.contextmanager
+def team_stack(prefix: str, env: Callable[[Path], dict[str, str]] = lambda root: {},
+               **options: object) -> Iterator[object]:
+    """A native TeamStack (detoxflow.team) on free ports in a fresh folder, started, then stopped and removed.
+
+    ``env(root)`` gives extra environment for the stack's processes; ``options`` go to TeamStack."""
+    from detoxflow.team import TeamPorts, TeamStack
+
+    # Not pytest's tmp_path: its root is mode 0700, and as root PostgreSQL runs as the 'postgres' user.
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    st = TeamStack(root, ports=TeamPorts.free(), ui=False, fsync=False, worker_query_seconds=1,
+                   extra_env={"PREFECT_LOGGING_LEVEL": "INFO", **env(root)}, **options)
+    t0 = time.monotonic()
+    st.start()
+    print(f"\nteam stack up in {time.monotonic() - t0:.1f} s: {st.timings}")
+    try:
+        yield st
+    finally:
+        st.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import servers
-from detoxflow.team import TeamPorts, TeamStack, deploy_all
+from detoxflow.team import TeamStack, deploy_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,20 +102,10 @@ def scorer_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def stack(scorer_dir: Path) -> Iterator[TeamStack]:
-    root = Path(tempfile.mkdtemp(prefix="dfgates-"))
-    root.chmod(0o755)  # as root, PostgreSQL runs as the 'postgres' user and must enter it
     # Only the cpu pool: promotion runs there. The flow runs import the scorer through PYTHONPATH.
-    st = TeamStack(root, ports=TeamPorts.free(), pools=("cpu",), ui=False, fsync=False, worker_query_seconds=1,
-                   extra_env={"PYTHONPATH": str(scorer_dir), "DETOXFLOW_CACHE": str(root / "cache"),
-                              "PREFECT_LOGGING_LEVEL": "INFO"})
-    t0 = time.monotonic()
-    st.start()
-    print(f"\nteam stack up in {time.monotonic() - t0:.1f} s: {st.timings}")
-    try:
+    with servers.team_stack("dfgates-", pools=("cpu",),
+                            env=lambda root: {"PYTHONPATH": str(scorer_dir), "DETOXFLOW_CACHE": str(root / "cache")}) as st:
         yield st
-    finally:
-        st.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_eight_concurrent_gates_leave_one_right_champion(stack: TeamStack, tiny_models, tmp_path: Path,

@@ -14,11 +14,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import urllib.error
@@ -98,19 +96,8 @@ def test_stack_refuses_a_taken_port_and_names_it(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[TeamStack]:
-    # Not pytest's tmp_path: its root is mode 0700, and as root PostgreSQL runs as the 'postgres' user.
-    root = Path(tempfile.mkdtemp(prefix="dfteam-"))
-    root.chmod(0o755)
-    st = TeamStack(root, ports=TeamPorts.free(), ui=False, fsync=False, worker_query_seconds=1,
-                   extra_env={"PREFECT_LOGGING_LEVEL": "INFO"})
-    t0 = time.monotonic()
-    st.start()
-    print(f"\nteam stack up in {time.monotonic() - t0:.1f} s: {st.timings}")
-    try:
+    with servers.team_stack("dfteam-") as st:
         yield st
-    finally:
-        st.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
