@@ -61,6 +61,28 @@ PEER_CHECK = (
 )
 BATCH, MINI_BATCH, NEW_TOKENS = 16, 4, 32
 LORA_TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"]}
+SIZES = ("tiny", "small", "base")
+# "base": the 250M class for GPU runs, the shapes of t5-base and gpt2-medium (random weights), over the small
+# models' tokenizers (vocab 2000): ~199M (T5) and ~305M (GPT-2) parameters. make_tiny_models.py knows tiny and
+# small only; this script builds base from small with the peer's transformers, like the other sizes.
+BASE_SHAPES = {
+    "t5": {"d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12},
+    "gpt2": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
+}
+BUILD_BASE = (
+    "import json, sys, torch\n"
+    "from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel, T5ForConditionalGeneration\n"
+    "small, out, shapes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+    "torch.manual_seed(0)\n"
+    "for arch, cls in (('t5', T5ForConditionalGeneration), ('gpt2', GPT2LMHeadModel)):\n"
+    "    cfg = AutoConfig.from_pretrained(f'{small}/{arch}')\n"
+    "    for k, v in shapes[arch].items():\n"
+    "        setattr(cfg, k, v)\n"
+    "    model = cls(cfg)\n"
+    "    print(arch, sum(p.numel() for p in model.parameters()), 'parameters', flush=True)\n"
+    "    model.save_pretrained(f'{out}/{arch}')\n"
+    "    AutoTokenizer.from_pretrained(f'{small}/{arch}').save_pretrained(f'{out}/{arch}')\n"
+)
 # the peer script's prompts, verbatim: both sides must encode the same queries
 PROMPT = "Summarize the following conversation. #Person1#: item {i} arrived broken. #Person2#: sorry about that. Summary:"
 
@@ -127,11 +149,15 @@ def ensure_models(models_root: Path, size: str, peer_python: Path, bench: Path) 
     dest = models_root / size
     if all((dest / a / "config.json").is_file() for a in LORA_TARGETS):
         return dest
+    small = ensure_models(models_root, "small", peer_python, bench) if size == "base" else None
     models_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{size}.", dir=models_root))
     try:
-        subprocess.run([str(peer_python), str(bench / MODELS_SCRIPT), str(tmp), "--size", size], check=True,
-                       capture_output=True, text=True)
+        if small is not None:
+            cmd = [str(peer_python), "-c", BUILD_BASE, str(small), str(tmp), json.dumps(BASE_SHAPES)]
+        else:
+            cmd = [str(peer_python), str(bench / MODELS_SCRIPT), str(tmp), "--size", size]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -182,8 +208,11 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> Measure
 # threads it also counts OpenMP spin-waits). ``--threads``: the peer scripts hard-code torch.set_num_threads(2);
 # the shim makes that call honour --threads so that both sides run with the same number of threads.
 SHIM = (
-    "import runpy, sys, time, torch\n"
+    "import atexit, runpy, sys, time, torch\n"
     "clock, threads = sys.argv[1], int(sys.argv[2])\n"
+    # peak GPU memory of the process's tensors (PyTorch's allocator; the same reading both sides)
+    "atexit.register(lambda: torch.cuda.is_available() and torch.cuda.is_initialized() and "
+    "print(f'GPU_PEAK_MB={torch.cuda.max_memory_allocated() / 2**20:.0f}', flush=True))\n"
     "if clock == 'cpu':\n    time.perf_counter = time.process_time\n"
     "_set = torch.set_num_threads\n"
     "torch.set_num_threads = lambda n: _set(threads)\n"
@@ -216,6 +245,7 @@ class SideResult:
     median_step_s: float | None = None
     step_s: list[float] = field(default_factory=list)
     peak_rss_mb: float | None = None
+    gpu_peak_mb: float | None = None
     wall_s: float | None = None
     load_before: float | None = None
     load_after: float | None = None
@@ -226,9 +256,9 @@ class SideResult:
 
 
 def run_ours(model_dir: Path, arch: str, steps: int, threads: int, overrides: list[str], timeout: float,
-             clock: str = "wall", profile: bool = False) -> SideResult:
+             clock: str = "wall", profile: bool = False, device: str = "cpu") -> SideResult:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model-dir", str(model_dir), "--archs", arch,
-           "--steps", str(steps), "--threads", str(threads)]
+           "--steps", str(steps), "--threads", str(threads), "--device", device]
     for o in overrides:
         cmd += ["--set", o]
     if profile:
@@ -236,6 +266,7 @@ def run_ours(model_dir: Path, arch: str, steps: int, threads: int, overrides: li
     res = SideResult("ours", load_before=loadavg())
     m = run_measured(with_shim(cmd, clock, threads), child_env(threads), timeout)
     res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
+    res.gpu_peak_mb = gpu_peak(m.stdout)
     line = next((ln for ln in reversed(m.stdout.splitlines()) if ln.startswith("RESULT ")), None)
     if m.returncode != 0 or line is None:
         res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
@@ -257,6 +288,7 @@ def run_peer(python: Path, bench: Path, model_dir: Path, arch: str, steps: int, 
     res = SideResult("peer", load_before=loadavg())
     m = run_measured(with_shim(cmd, clock, threads), child_env(threads), timeout)
     res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
+    res.gpu_peak_mb = gpu_peak(m.stdout)
     found = PEER_LINE.search(m.stdout)
     if m.returncode != 0 or not found:
         res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
@@ -264,6 +296,15 @@ def run_peer(python: Path, bench: Path, model_dir: Path, arch: str, steps: int, 
     res.median_step_s = float(found.group(1))
     res.samples_per_s = round(BATCH / res.median_step_s, 2)
     return res
+
+
+GPU_PEAK = re.compile(r"^GPU_PEAK_MB=(\d+)$", re.MULTILINE)
+
+
+def gpu_peak(stdout: str) -> float | None:
+    """The peak GPU memory the shim printed at exit (MB), None on CPU."""
+    found = GPU_PEAK.findall(stdout)
+    return float(found[-1]) if found else None
 
 
 FLOOR_PART = re.compile(r"(\w+)=([\d.]+)")
@@ -275,6 +316,7 @@ def run_floor(python: Path, bench: Path, model_dir: Path, arch: str, steps: int,
     res = SideResult("floor", load_before=loadavg())
     m = run_measured(with_shim(cmd, clock, threads), child_env(threads), timeout)
     res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
+    res.gpu_peak_mb = gpu_peak(m.stdout)
     parts = dict(FLOOR_PART.findall(m.stdout.strip().splitlines()[-1] if m.stdout.strip() else ""))
     if m.returncode != 0 or "total_s" not in parts:
         res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
@@ -375,7 +417,8 @@ def install_phase_profile(scorer: Any) -> PhaseProfile:
     return prof
 
 
-def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list[str], profile: bool = False) -> None:
+def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list[str], profile: bool = False,
+           device: str = "cpu") -> None:
     """Subprocess body: ``steps + 1`` PPO steps through ``trainer.train``; prints ``RESULT {json}``."""
     import logging
 
@@ -391,7 +434,7 @@ def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list
     logging.basicConfig(level=logging.WARNING)
     data: dict[str, Any] = {
         "name": "bench", "seed": 0,
-        "model": {"name_or_path": str(model_dir), "device": "cpu", "num_threads": threads},
+        "model": {"name_or_path": str(model_dir), "device": device, "num_threads": threads},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": LORA_TARGETS[arch]},
         "reward": {"kind": "profanity_check"},
         "generation": {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": True,
@@ -451,6 +494,7 @@ def combine(results: list[SideResult]) -> dict[str, Any]:
     ok = sorted((r for r in results if r.samples_per_s), key=lambda r: r.samples_per_s or 0.0)
     mid = asdict(ok[(len(ok) - 1) // 2] if ok else results[0])
     mid["peak_rss_mb"] = max((r.peak_rss_mb for r in results if r.peak_rss_mb is not None), default=None)
+    mid["gpu_peak_mb"] = max((r.gpu_peak_mb for r in results if r.gpu_peak_mb is not None), default=None)
     loads = [x for r in results for x in (r.load_before, r.load_after) if x is not None]
     mid["load_before"], mid["load_after"] = (min(loads), max(loads)) if loads else (None, None)
     mid["error"] = next((r.error for r in results if r.error), None)
@@ -479,6 +523,30 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {fmt(p and p['peak_rss_mb'], '.0f')} | {load} |"
         )
     return "\n".join(lines)
+
+
+def gpu_table(rows: list[dict[str, Any]], gpu: str) -> str:
+    """The GPU table: samples/s each side, the ratio, peak GPU memory (PyTorch allocator) each side."""
+    lines = [f"GPU: {gpu}", "",
+             "| arch | size | ours samples/s | peer samples/s | ratio ours/peer | ours peak GPU MB | peer peak GPU MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, p = r.get("ours"), r.get("peer")
+        lines.append(
+            f"| {r['arch']} | {r['size']} | {fmt(o and o['samples_per_s'])} | {fmt(p and p['samples_per_s'])} "
+            f"| {fmt(r.get('ratio'))} | {fmt(o and o['gpu_peak_mb'], '.0f')} | {fmt(p and p['gpu_peak_mb'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def gpu_name() -> str | None:
+    """The first visible GPU's name (nvidia-smi), None without one; read without importing torch here."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def breakdown_table(rows: list[dict[str, Any]]) -> str:
@@ -521,7 +589,11 @@ def phase_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="tiny,small", help="comma list of tiny,small")
+    ap.add_argument("--sizes", default="tiny,small", help="comma list of tiny,small,base (base: t5-base / gpt2-medium "
+                    "shapes, ~200M / ~300M parameters, for GPUs)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="our side's model.device; the peer (accelerate) takes the GPU whenever one is visible, so "
+                         "run --device cpu on a CPU-only machine or under CUDA_VISIBLE_DEVICES=''")
     ap.add_argument("--archs", default="t5,gpt2", help="comma list of t5,gpt2")
     ap.add_argument("--steps", type=int, default=3, help="timed PPO steps per run (one more runs first, as warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every measured process")
@@ -551,14 +623,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeats < 1:
         ap.error("--repeats must be at least 1")
     if a.worker:
-        worker(a.model_dir, a.archs, a.steps, a.threads, a.overrides, a.profile)
+        worker(a.model_dir, a.archs, a.steps, a.threads, a.overrides, a.profile, a.device)
         return 0
 
     sizes = [s for s in a.sizes.split(",") if s]
     archs = [x for x in a.archs.split(",") if x]
     for s in sizes:
-        if s not in ("tiny", "small"):
-            ap.error(f"--sizes: unknown size '{s}'; allowed: tiny, small")
+        if s not in SIZES:
+            ap.error(f"--sizes: unknown size '{s}'; allowed: {', '.join(SIZES)}")
     for x in archs:
         if x not in LORA_TARGETS:
             ap.error(f"--archs: unknown arch '{x}'; allowed: {', '.join(LORA_TARGETS)}")
@@ -575,13 +647,13 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now().astimezone()
     meta = {"date": started.isoformat(timespec="seconds"), "host": platform.node(), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "threads": a.threads, "clock": a.clock, "steps": a.steps, "repeats": a.repeats,
+            "threads": a.threads, "clock": a.clock, "device": a.device, "gpu": gpu_name(), "steps": a.steps, "repeats": a.repeats,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "overrides": a.overrides, "load_at_start": list(os.getloadavg()),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "settings": {"batch": BATCH, "mini_batch": MINI_BATCH, "ppo_epochs": 1, "new_tokens": NEW_TOKENS,
                          "lora": "r=8 alpha=16 dropout=0.05", "kl": "adaptive from 0.2", "reward": "alt-profanity-check"}}
     print(f"{meta['date']}  load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus  threads={a.threads}  clock={a.clock}  "
-          f"steps={a.steps}+1 warm-up", flush=True)
+          f"device={a.device}{' (' + meta['gpu'] + ')' if meta['gpu'] else ''}  steps={a.steps}+1 warm-up", flush=True)
     rows: list[dict[str, Any]] = []
     for size in sizes:
         for arch in archs:
@@ -590,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[tuple[str, Any, tuple[Any, ...]]] = []
             if a.only in ("both", "ours") or a.profile:
                 runs.append(("ours", run_ours, (model_dir, arch, a.steps, a.threads, a.overrides, a.timeout, a.clock,
-                                                a.profile)))
+                                                a.profile, a.device)))
             if a.only in ("both", "peer") and not a.profile:
                 runs.append(("peer", run_peer, (peer_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
                                                 a.clock)))
@@ -604,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = fn(*fn_args)
                     done[side].append(res)
                     status = res.error.splitlines()[-1] if res.error else (
-                        f"{res.samples_per_s:.2f} samples/s, peak RSS {res.peak_rss_mb:.0f} MB")
+                        f"{res.samples_per_s:.2f} samples/s, peak RSS {res.peak_rss_mb:.0f} MB"
+                        + (f", peak GPU {res.gpu_peak_mb:.0f} MB" if res.gpu_peak_mb is not None else ""))
                     print(f"  {arch:4s} {size:5s} {side:5s}: {status}  (load {res.load_before}->{res.load_after})",
                           flush=True)
                     if res.error:
@@ -620,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(rows))
+    if a.device == "cuda":
+        print()
+        print(gpu_table(rows, meta["gpu"] or "?"))
     if any("ours" in r for r in rows):
         print()
         print(breakdown_table(rows))
