@@ -71,6 +71,21 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
+    fast_path: Literal["auto", "off"] = Field(
+        "auto",
+        description="'auto': a functional forward for GPT-2 / T5 (models/fastpath.py) where it implements the model, "
+        "else the HF modules; 'off': always the HF modules",
+    )
+
+    @field_validator("fast_path", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` as false (and `on` as true): take them as the words the user wrote
+        if value is False:
+            return "off"
+        if value is True:
+            return "auto"
+        return value
 
     @field_validator("name_or_path")
     @classmethod

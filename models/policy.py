@@ -95,10 +95,21 @@ def _resolve_source(name_or_path: str) -> str:
 
 
 def _disable_base_dropout(model: nn.Module) -> None:
-    """Zero every dropout except LoRA's: PPO ratios compare two forwards of the same policy, which must agree."""
+    """Zero every dropout except LoRA's: PPO ratios compare two forwards of the same policy, which must agree.
+
+    Besides ``nn.Dropout`` modules, some attentions keep their attention-probability dropout as a plain float read
+    in train mode (T5Attention.dropout = config.dropout_rate, 0.1 in t5-small / flan-t5; Llama's
+    attention_dropout): without zeroing those, T5's training forward dropped attention weights that the rollout
+    and the reference forward did not."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for attr in ("dropout", "attention_dropout"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, attr, 0.0)
 
 
 def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +167,7 @@ class Policy:
     base_source: dict[str, Any] = field(default_factory=dict)  # {"hub_id", "revision"} or {"local": dir}
     sft_adapter: str | None = None
     lora_settings: dict[str, Any] = field(default_factory=dict)
+    fast: Any = None  # models.fastpath.FastGPT2 / FastT5, or None: the HF module path
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -182,10 +194,13 @@ class Policy:
         )
         model = get_peft_model(base, lora)
         settings = {"r": lora_cfg.r, "alpha": lora_cfg.alpha, "dropout": lora_cfg.dropout, "target_modules": targets}
-        return cls._assemble(model, tokenizer, is_seq2seq, model_cfg.device, base_source, model_cfg.sft_adapter, settings, None)
+        return cls._assemble(model, tokenizer, is_seq2seq, model_cfg.device, base_source, model_cfg.sft_adapter, settings,
+                             None, model_cfg.fast_path)
 
     @classmethod
-    def from_artifact(cls, path: str | os.PathLike[str], trainable: bool = False, device: str = "auto") -> Policy:
+    def from_artifact(
+        cls, path: str | os.PathLike[str], trainable: bool = False, device: str = "auto", fast_path: str = "auto"
+    ) -> Policy:
         """Load a saved model artifact (see :meth:`save_artifact`)."""
         from peft import PeftModel
 
@@ -210,7 +225,7 @@ class Policy:
         base_source = base_info if "local" not in base_info else {"local": str(root / base_info["local"])}
         return cls._assemble(
             model, tokenizer, is_seq2seq, device, base_source, str(sft) if sft.is_dir() else None,
-            meta.get("lora", {}), value_state,
+            meta.get("lora", {}), value_state, fast_path,
         )
 
     @classmethod
@@ -224,6 +239,7 @@ class Policy:
         sft_adapter: str | None,
         lora_settings: dict[str, Any],
         value_state: dict[str, torch.Tensor] | None,
+        fast_path: str = "auto",
     ) -> Policy:
         dev = _resolve_device(device)
         _disable_base_dropout(model)
@@ -236,7 +252,8 @@ class Policy:
             value_head.load_state_dict(value_state)
         model.to(dev)
         model.eval()
-        return cls(model, value_head.to(dev), tokenizer, is_seq2seq, dev, base_source, sft_adapter, lora_settings)
+        fast = _select_fast_path(model, fast_path)
+        return cls(model, value_head.to(dev), tokenizer, is_seq2seq, dev, base_source, sft_adapter, lora_settings, fast)
 
     # ------------------------------------------------------------------------------------------ artifact
 
@@ -427,6 +444,12 @@ class Policy:
         """Incremental decoding as a generator: yields ``(logits (B, V), last hidden state (B, H))`` of the next
         position; is sent the ``(B,)`` tokens chosen there. The positions and masks are those :meth:`_run` uses, so
         the logits equal the full forward's."""
+        if self.fast is not None:
+            if self.is_seq2seq:
+                yield from self.fast.decode_steps(query_ids, query_mask, n_new, self._decoder_start_token_id)
+            else:
+                yield from self.fast.decode_steps(query_ids, query_mask, n_new)
+            return
         if self.is_seq2seq:
             enc = base.get_encoder()(input_ids=query_ids, attention_mask=query_mask)
             token = torch.full_like(query_ids[:, :1], self._decoder_start_token_id)
@@ -485,6 +508,12 @@ class Policy:
         response_ids, response_mask = response_ids[:, :tr], response_mask[:, :tr].long()
         if self.is_seq2seq:
             start = torch.full_like(response_ids[:, :1], self._decoder_start_token_id)
+            if self.fast is not None:
+                logits, hidden = self.fast.forward_seq2seq(
+                    query_ids, query_mask, torch.cat([start, response_ids[:, :-1]], dim=1),
+                    torch.cat([torch.ones_like(start), response_mask[:, :-1]], dim=1), want_hidden,
+                )
+                return logits, hidden, tr
             out = self.model(
                 input_ids=query_ids,
                 attention_mask=query_mask,
@@ -500,6 +529,9 @@ class Policy:
         # the same positions generate() used for left-padded rows (cumsum of the mask), or logprobs would drift
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         tq = query_ids.shape[1]
+        if self.fast is not None:
+            logits, hidden = self.fast.forward_causal(ids, mask, position_ids, tq, tr, want_hidden)
+            return logits, hidden, tr
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -551,6 +583,24 @@ class Policy:
                 logits = logits / temperature
             logprobs = logprobs_from_logits(logits, response_ids[:, :tr])
         return _pad_to(logprobs, response_ids.shape[1]) * response_mask.to(logprobs.dtype)
+
+
+def _select_fast_path(model: Any, setting: str) -> Any:
+    """``model.fast_path``: 'auto' uses the functional forward of models/fastpath.py where it implements the model,
+    else the HF modules; 'off' always the HF modules. Logged once per policy."""
+    if setting == "off":
+        log.info("forward path: HF modules (model.fast_path=off)")
+        return None
+    if setting != "auto":
+        raise PolicyError(f"model.fast_path '{setting}': use 'auto' or 'off'")
+    from detoxflow.models.fastpath import build
+
+    fast, reason = build(model)
+    if fast is None:
+        log.info("forward path: HF modules (%s)", reason)
+    else:
+        log.info("forward path: fast path (%s)", reason)
+    return fast
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -145,7 +145,7 @@ def test_rollout_merges_lora_only_under_the_size_limit(tiny_models, arch: str, m
     tokens from the same seed and agree on the statistics; the merge really swaps weights while it lasts."""
     import detoxflow.models.policy as policy_module
 
-    policy = load(tiny_models, arch)
+    policy = load(tiny_models, arch, fast_path="off")  # the check below hooks the HF modules
     randomise_lora(policy, trained_like=True)
     q, qm = policy.encode_queries(PROMPTS, 64)
     gen = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False)
@@ -225,7 +225,7 @@ def test_greedy_generation_is_argmax_of_forward(tiny_models, arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_min_new_tokens_guard_and_eos_in_mask(tiny_models, arch: str) -> None:
-    policy = load(tiny_models, arch)
+    policy = load(tiny_models, arch, fast_path="off")  # the EOS bias below is a hook on the HF LM head
     eos = policy.eos_token_id
     bias = torch.zeros(len(policy.tokenizer))
     bias[eos] = 1e4  # make EOS the only likely token

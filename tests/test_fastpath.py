@@ -1,0 +1,270 @@
+"""Golden tests of the functional forward (models/fastpath.py) against the HF module path it replaces.
+
+One policy per test; ``policy.fast = None`` switches the same object (same parameters) to the HF path, so logits,
+hidden states and gradients compare directly. The LoRA adapter gets a non-zero B (``randomise_lora``), so the
+adapter-on and adapter-off passes differ. Tolerance: float32 rounding of differently fused kernels (SDPA vs the
+HF attention, F.gelu vs GELU as separate ops): 1e-5 absolute on logits / logprobs (values 1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
+from detoxflow.models.policy import Policy, response_mask_from_eos
+
+ARCHS = ["gpt2", "t5"]
+PROMPTS = [
+    "the customer wants a refund",
+    "person one asks the manager about the friday meeting report because the order arrived late",
+    "thanks",
+]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def load(tiny_models: dict[str, Path], arch: str, dropout: float = 0.0, **model_kw) -> Policy:
+    torch.manual_seed(0)
+    return Policy.load(ModelConfig(name_or_path=str(tiny_models[arch]), **model_kw),
+                       LoraSection(r=4, alpha=8, dropout=dropout))
+
+
+def randomise_lora(policy: Policy, seed: int = 1) -> None:
+    """Trained-size LoRA B (the update a fraction of the base weights) and a N(0, 1) value head."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        policy.value_head.weight.copy_(torch.randn(policy.value_head.weight.shape, generator=g))
+
+
+def batch(policy: Policy, tr: int = 9) -> tuple[torch.Tensor, ...]:
+    """Queries of three lengths (left-padded causal, right-padded seq2seq) and fixed responses where row 0 ends
+    early (EOS at 3), row 1 runs to the end and row 2 ends at 6: the shapes the trainer sees."""
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    g = torch.Generator().manual_seed(5)
+    eos = policy.eos_token_id
+    r = torch.randint(3, len(policy.tokenizer), (len(PROMPTS), tr), generator=g)
+    r[r == eos] = eos + 1 if eos + 1 < len(policy.tokenizer) else eos - 1
+    r[0, 3] = eos
+    r[2, 6] = eos
+    rm = response_mask_from_eos(r, eos)
+    r = r.masked_fill(~rm, policy.pad_token_id)
+    assert qm.sum(1).unique().numel() == 3 and not rm[0].all() and rm[1].all()
+    return q, qm, r, rm
+
+
+def both(policy: Policy, fn):
+    """``fn()`` on the fast path, then on the HF path of the same policy."""
+    fast = policy.fast
+    assert fast is not None
+    try:
+        a = fn()
+        policy.fast = None
+        b = fn()
+    finally:
+        policy.fast = fast
+    return a, b
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_is_chosen_and_logged(tiny_models, arch: str, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="detoxflow.models.policy"):
+        policy = load(tiny_models, arch)
+    assert policy.fast is not None and policy.fast.arch == arch
+    assert any("forward path: fast path" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_and_gradients_equal_hf(tiny_models, arch: str) -> None:
+    """(a) adapter on, with grad: logits, last hidden state, trimmed length equal; the gradients of a PPO-like loss
+    w.r.t. every LoRA A/B and the value head equal."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = batch(policy)
+    params = policy.trainable_parameters()
+    assert any("lora_A" in n for n, p in policy.model.named_parameters() if p.requires_grad)
+
+    def run():
+        logits, hidden, tr = policy._run(q, qm, r, rm, want_hidden=True)
+        logprobs, values, entropy = policy.forward(q, qm, r, rm)
+        loss = -(logprobs * torch.linspace(-1, 1, r.shape[1])).sum() + (values ** 2).mean() - 0.1 * entropy.sum()
+        grads = torch.autograd.grad(loss, params)
+        return logits.detach(), hidden.detach(), tr, [g.clone() for g in grads]
+
+    (lf, hf, trf, gf), (lh, hh, trh, gh) = both(policy, run)
+    assert trf == trh == r.shape[1]
+    # compared where the HF path defines them: real query/response positions (both are real here by construction)
+    torch.testing.assert_close(lf, lh, **TOL)
+    torch.testing.assert_close(hf, hh, **TOL)
+    assert len(gf) == len(gh) > 2
+    for a, b in zip(gf, gh, strict=True):
+        assert b.abs().max() > 0  # every trainable tensor gets a gradient (B non-zero, so A does too)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_forward_equals_hf_and_adapter_acts(tiny_models, arch: str) -> None:
+    """(b) adapter off (the KL reference): logprobs equal the HF path's, and differ from adapter-on by far more."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = batch(policy)
+
+    def run():
+        with torch.no_grad(), policy.model.disable_adapter():
+            logits, _, _ = policy._run(q, qm, r, rm, want_hidden=False)
+        return logits, policy.ref_logprobs(q, qm, r, rm)
+
+    (lf, rf), (lh, rh) = both(policy, run)
+    torch.testing.assert_close(lf, lh, **TOL)
+    torch.testing.assert_close(rf, rh, **TOL)
+    with torch.no_grad():
+        on, _, _ = policy.forward(q, qm, r, rm)
+    assert (on - rf).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_decoding_equals_full_forward(tiny_models, arch: str) -> None:
+    """(c) the decode loop (static KV buffers, adapter on, not merged) fed the fixed responses: every step's logits
+    and hidden state equal the HF full forward's at the positions inside the response mask."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = batch(policy)
+    with torch.no_grad():
+        policy.fast, fast = None, policy.fast
+        logits, hidden, _ = policy._run(q, qm, r, rm, want_hidden=True)
+        policy.fast = fast
+        step = policy._decode_steps(policy.model.get_base_model(), q, qm, r.shape[1])
+        got_l, got_h = [], []
+        lt, ht = next(step)
+        for t in range(r.shape[1]):
+            got_l.append(lt)
+            got_h.append(ht)
+            if t + 1 < r.shape[1]:
+                lt, ht = step.send(r[:, t])
+        step.close()
+    sl, sh = torch.stack(got_l, 1), torch.stack(got_h, 1)
+    torch.testing.assert_close(sl[rm], logits[rm], **TOL)
+    torch.testing.assert_close(sh[rm], hidden[rm], **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rollout_matches_hf_rollout(tiny_models, arch: str) -> None:
+    """The whole rollout (sampling merge, inference mode) on both paths: same tokens from the same seed, statistics
+    within rounding, base weights untouched."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm = policy.encode_queries(PROMPTS, 64)
+    gen = GenerationConfig(max_new_tokens=12, min_new_tokens=2, do_sample=True, top_k=0, top_p=1.0)
+
+    def run():
+        torch.manual_seed(3)
+        return policy.rollout(q, qm, gen)
+
+    a, b = both(policy, run)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logprobs, b.logprobs, **TOL)
+    torch.testing.assert_close(a.values, b.values, **TOL)
+    torch.testing.assert_close(a.entropy, b.entropy, **TOL)
+    with torch.no_grad():
+        lp, _, _ = policy.forward(q, qm, a.response_ids, a.response_mask)
+    torch.testing.assert_close(a.logprobs, lp, **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_dropout_same_seed_same_result(tiny_models, arch: str) -> None:
+    """Train mode with LoRA dropout 0.3: from the same seed, the fast path draws the same dropout masks as PEFT
+    (same tensors, same order), so the outputs and gradients are equal; another seed gives another result."""
+    policy = load(tiny_models, arch, dropout=0.3)
+    randomise_lora(policy)
+    q, qm, r, rm = batch(policy)
+    policy.set_train(True)
+    params = policy.trainable_parameters()
+
+    def run(seed: int = 11):
+        torch.manual_seed(seed)
+        logprobs, values, _ = policy.forward(q, qm, r, rm, with_entropy=False)
+        grads = torch.autograd.grad(logprobs.sum() + values.sum(), params)
+        return logprobs.detach(), [g.clone() for g in grads]
+
+    (lf, gf), (lh, gh) = both(policy, run)
+    torch.testing.assert_close(lf, lh, **TOL)
+    for a, b in zip(gf, gh, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    other, _ = run(12)
+    assert (other - lf).abs().max() > 1e-4  # dropout really acts
+    policy.set_train(False)
+    with torch.no_grad():
+        ev1, _, _ = policy.forward(q, qm, r, rm)
+        ev2, _, _ = policy.forward(q, qm, r, rm)
+    assert torch.equal(ev1, ev2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_mode_without_lora_dropout_is_deterministic_on_both_paths(tiny_models, arch: str) -> None:
+    """Base dropout is off in train mode on both paths, including T5's attention-probability dropout, which HF
+    reads from a float (config.dropout_rate = 0.1 in these test models) rather than an nn.Dropout."""
+    policy = load(tiny_models, arch)
+    randomise_lora(policy)
+    q, qm, r, rm = batch(policy)
+    policy.set_train(True)
+
+    def run():
+        with torch.no_grad():
+            return [policy.forward(q, qm, r, rm)[0] for _ in range(2)]
+
+    (f1, f2), (h1, h2) = both(policy, run)
+    assert torch.equal(f1, f2) and torch.equal(h1, h2)
+    torch.testing.assert_close(f1, h1, **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kl_is_exactly_zero_with_zero_lora_b(tiny_models, arch: str) -> None:
+    """A fresh adapter (B = 0): adapter-on and adapter-off forwards are bit-identical on the fast path too."""
+    policy = load(tiny_models, arch)
+    q, qm, r, rm = batch(policy)
+    with torch.no_grad():
+        on, _, _ = policy.forward(q, qm, r, rm)
+    assert torch.equal(on, policy.ref_logprobs(q, qm, r, rm))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unsupported_config_falls_back_to_hf_and_says_so(tiny_models, arch: str, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="detoxflow.models.policy"):
+        policy = load(tiny_models, arch, dtype="bfloat16")
+    assert policy.fast is None
+    msgs = [r.getMessage() for r in caplog.records if "forward path" in r.getMessage()]
+    assert len(msgs) == 1 and "HF modules" in msgs[0] and "float32" in msgs[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="detoxflow.models.policy"):
+        off = load(tiny_models, arch, fast_path="off")
+    assert off.fast is None
+    assert any("model.fast_path=off" in r.getMessage() for r in caplog.records)
+    q, qm, r, rm = batch(off)
+    with torch.no_grad():
+        lp, _, _ = off.forward(q, qm, r, rm)
+    assert torch.all(lp[rm] < 0)
+
+
+def test_gradient_checkpointing_is_refused(tiny_models) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from detoxflow.models.fastpath import build
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
+    base.gradient_checkpointing_enable()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    fast, reason = build(model)
+    assert fast is None and "gradient checkpointing" in reason
+
+
+def test_fast_path_setting_is_validated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="fast_path"):
+        ModelConfig(fast_path="on")
