@@ -129,7 +129,8 @@ def _check_model(model: Any, adapter: str) -> Any:
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    if getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False)):
+    checkpointing = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(base, checkpointing, False):
         raise Unsupported("gradient checkpointing")
     if getattr(base, "hf_quantizer", None) is not None or getattr(base.config, "quantization_config", None):
         raise Unsupported("quantised weights")
