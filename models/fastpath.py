@@ -21,7 +21,6 @@ casts and clamps are not reproduced).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -155,12 +154,37 @@ def _check_model(model: Any, adapter: str) -> Any:
     return layers[0]
 
 
+def _linears(obj: Any) -> list[Linear]:
+    """Every :class:`Linear` reachable from ``obj``'s attributes (blocks, lists, dataclass fields)."""
+    if isinstance(obj, Linear):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [v for item in obj for v in _linears(item)]
+    if isinstance(obj, _Fast) or hasattr(obj, "__dataclass_fields__"):
+        return [v for item in vars(obj).values() for v in _linears(item)]
+    return []
+
+
 class _Fast:
     """What both architectures share: the adapter state read per call from one of PEFT's LoRA layers."""
 
     def __init__(self, model: Any, adapter: str) -> None:
         self.probe = _check_model(model, adapter)
         self.adapter = adapter
+
+    def check_covered(self, model: Any) -> None:
+        """Refuse LoRA on any module this forward does not read through :func:`linear` (embeddings, norms, ...):
+        it would silently be left out."""
+        from peft.tuners.lora import LoraLayer
+
+        seen = {id(v.a) for v in _linears(self) if v.a is not None}
+        for name, m in model.named_modules():
+            if not isinstance(m, LoraLayer):
+                continue
+            if self.adapter in getattr(m, "lora_embedding_A", {}):
+                raise Unsupported(f"LoRA on the embedding {name}")
+            if self.adapter in m.lora_A and id(m.lora_A[self.adapter].weight) not in seen:
+                raise Unsupported(f"LoRA on {name}")
 
     def lora_state(self) -> tuple[bool, bool]:
         """``(adapter on, train mode)``: off inside ``disable_adapter()`` (reference pass, sampling merge) or when
@@ -473,6 +497,8 @@ def build(model: Any, adapter: str = "default") -> tuple[Any | None, str]:
     if name not in classes:
         return None, f"model class {name} has no fast path (supported: {', '.join(classes)})"
     try:
-        return classes[name](model, adapter), f"functional {classes[name].arch} forward"
+        fast = classes[name](model, adapter)
+        fast.check_covered(model)
+        return fast, f"functional {fast.arch} forward"
     except Unsupported as e:
         return None, f"{name} uses {e}, which the fast path does not implement"

@@ -23,7 +23,7 @@ PROMPTS = [
     "person one asks the manager about the friday meeting report because the order arrived late",
     "thanks",
 ]
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def load(tiny_models: dict[str, Path], arch: str, dropout: float = 0.0, **model_kw) -> Policy:
@@ -261,6 +261,27 @@ def test_gradient_checkpointing_is_refused(tiny_models) -> None:
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     fast, reason = build(model)
     assert fast is None and "gradient checkpointing" in reason
+
+
+@pytest.mark.parametrize(("arch", "targets", "why"), [("gpt2", ["c_attn", "wte"], "embedding"),
+                                                    ("t5", ["q", "v", "lm_head"], "lm_head")])
+def test_lora_outside_the_linears_is_refused(tiny_models, arch: str, targets: list[str], why: str) -> None:
+    """LoRA on a module the functional forward does not route through its LoRA linear would be silently dropped:
+    refused instead; the same model with only the attention targets is accepted."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from detoxflow.models.fastpath import build
+    from detoxflow.models.policy import _disable_base_dropout
+
+    cls = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
+    for tg, ok in ((targets, False), (targets[:-1], True)):
+        model = get_peft_model(cls.from_pretrained(tiny_models[arch]), LoraConfig(r=4, target_modules=tg, fan_in_fan_out=arch == "gpt2"))
+        _disable_base_dropout(model)
+        fast, reason = build(model)
+        assert (fast is not None) == ok, reason
+        if not ok:
+            assert why in reason
 
 
 def test_fast_path_setting_is_validated() -> None:
