@@ -289,3 +289,48 @@ def test_fast_path_setting_is_validated() -> None:
 
     with pytest.raises(ValidationError, match="fast_path"):
         ModelConfig(fast_path="on")
+
+
+@pytest.mark.parametrize("variant", ["gated-gelu-untied", "gpt2-tanh-unscaled"])
+def test_config_variants_equal_hf(tiny_models, tmp_path: Path, variant: str) -> None:
+    """The branches the shared tiny models do not take: T5 v1.1 / flan-T5 style (gated-gelu feed-forward, untied
+    LM head, so no d_model**-0.5 rescaling) and GPT-2 with gelu_pytorch_tanh, unscaled attention scores scaled
+    by the inverse layer index instead. Training forward and decode loop against the HF path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    arch = "t5" if variant.startswith("gated") else "gpt2"
+    cfg = AutoConfig.from_pretrained(tiny_models[arch])
+    if arch == "t5":
+        cfg.feed_forward_proj, cfg.dense_act_fn, cfg.is_gated_act = "gated-gelu", "gelu_new", True
+        cfg.tie_word_embeddings, cfg.scale_decoder_outputs = False, False
+        torch.manual_seed(4)
+        model = AutoModelForSeq2SeqLM.from_config(cfg)
+    else:
+        cfg.activation_function, cfg.scale_attn_weights, cfg.scale_attn_by_inverse_layer_idx = "gelu_pytorch_tanh", False, True
+        torch.manual_seed(4)
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_models[arch]).save_pretrained(tmp_path)
+    policy = load({arch: tmp_path}, arch)
+    assert policy.fast is not None
+    if arch == "t5":
+        base = policy.model.get_base_model()
+        assert base.lm_head.weight.data_ptr() != base.shared.weight.data_ptr() and policy.fast.scale_out is None
+        assert policy.fast.dec_blocks[0].wi_0 is not None and policy.fast.dec_blocks[0].wi is None
+    else:
+        assert [b.scale for b in policy.fast.blocks] == [1.0, 0.5]
+    randomise_lora(policy)
+    q, qm, r, rm = batch(policy)
+
+    def run():
+        with torch.no_grad():
+            logits, hidden, _ = policy._run(q, qm, r, rm, want_hidden=True)
+        torch.manual_seed(3)
+        roll = policy.rollout(q, qm, GenerationConfig(max_new_tokens=8, min_new_tokens=8))
+        return logits, hidden, roll
+
+    (lf, hf, rf), (lh, hh, rh) = both(policy, run)
+    torch.testing.assert_close(lf, lh, **TOL)
+    torch.testing.assert_close(hf, hh, **TOL)
+    assert torch.equal(rf.response_ids, rh.response_ids)
+    torch.testing.assert_close(rf.logprobs, rh.logprobs, **TOL)
