@@ -52,6 +52,7 @@ def batch(policy: Policy, tr: int = 9) -> tuple[torch.Tensor, ...]:
     r[r == eos] = eos + 1 if eos + 1 < len(policy.tokenizer) else eos - 1
     r[0, 3] = eos
     r[2, 6] = eos
+    r = r.to(policy.device)
     rm = response_mask_from_eos(r, eos)
     r = r.masked_fill(~rm, policy.pad_token_id)
     assert qm.sum(1).unique().numel() == 3 and not rm[0].all() and rm[1].all()
@@ -92,7 +93,7 @@ def test_training_forward_and_gradients_equal_hf(tiny_models, arch: str) -> None
     def run():
         logits, hidden, tr = policy._run(q, qm, r, rm, want_hidden=True)
         logprobs, values, entropy = policy.forward(q, qm, r, rm)
-        loss = -(logprobs * torch.linspace(-1, 1, r.shape[1])).sum() + (values ** 2).mean() - 0.1 * entropy.sum()
+        loss = -(logprobs * torch.linspace(-1, 1, r.shape[1], device=r.device)).sum() + (values ** 2).mean() - 0.1 * entropy.sum()
         grads = torch.autograd.grad(loss, params)
         return logits.detach(), hidden.detach(), tr, [g.clone() for g in grads]
 
