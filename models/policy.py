@@ -152,7 +152,21 @@ def sample_token(
         drop_sorted = cum <= 1 - top_p
         drop_sorted[:, -1] = False  # keep at least the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -math.inf)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+    return categorical(logits.softmax(dim=-1))
+
+
+def categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``probs (B, V) -> (B,)`` by inverse CDF: one uniform per row against the cumulative
+    sum. The same distribution as ``torch.multinomial(probs, 1)``, whose CPU kernel draws one exponential per
+    vocabulary entry (0.8-0.9 ms for 16 x 2000, vs ~0.05 ms here: ~27 ms of a tiny model's 32-token rollout), but
+    a different random stream, so a seed gives other samples than before. A token with probability 0 (filtered,
+    banned) is never drawn: it adds nothing to the CDF, and the one way to land on it - ``u`` rounding up to the
+    total - falls back to the row's most likely token."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    ok = probs.gather(1, idx) > 0
+    return torch.where(ok, idx, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 @dataclass
