@@ -127,12 +127,14 @@ _setup_lock = threading.Lock()
 def setup(cfg: Config) -> str:
     """Point MLflow at the config's tracking URI and experiment (created if absent); returns the experiment id.
 
-    Idempotent and safe when several processes race to create the experiment."""
+    Idempotent and safe when several processes race to create the experiment, or, on a fresh SQLite store, the
+    store itself: MLflow creates its tables on first use, and two processes doing that at once fail with "table ...
+    already exists", so on SQLite a file lock next to the database serialises that first use."""
     uri = tracking_uri(cfg)
     # MLflow writes "View run ... at: URL" to stdout after every run on a server; stdout is the CLI's JSON
     # output, so the link goes to the log instead (parent_run logs it).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    with _setup_lock:
+    with _setup_lock, _sqlite_init_lock(uri):
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         name = cfg.tracking.experiment
@@ -153,6 +155,20 @@ def setup(cfg: Config) -> str:
                 client.restore_experiment(exp_id)
         mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """An inter-process lock on ``<db>.init.lock`` for a SQLite tracking URI; nothing for a server."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".init.lock", timeout=300):
+        yield
 
 
 def client() -> MlflowClient:

@@ -397,3 +397,29 @@ def test_lock_key_is_stable_signed_64_bit():
     assert k == lock_key("detoxflow.gate:detoxflow-default")
     assert -(2**63) <= k < 2**63
     assert k != lock_key("detoxflow.gate:detoxflow-other")
+
+
+def test_two_processes_create_a_fresh_sqlite_store_at_once(tmp_path, monkeypatch):
+    """Two runs started together on a new work dir: MLflow creates the SQLite tables on first use, and without
+    the init lock in ``tracking.setup`` the second creator failed with "table ... already exists"."""
+    for var in ("MLFLOW_TRACKING_URI", "DETOXFLOW_WORK_DIR", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    work = tmp_path / "fresh"
+    script = (
+        "import sys, time\n"
+        "from detoxflow.config import Config\n"
+        "from detoxflow import tracking\n"
+        f"cfg = Config(name='race', work_dir={str(work)!r})\n"
+        "start = float(sys.argv[1])\n"
+        "while time.time() < start:\n"
+        "    time.sleep(0.001)\n"
+        "print(tracking.setup(cfg))\n"
+    )
+    start = time.time() + 15  # both processes have imported MLflow by then, and then start together
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    # one experiment, the same id in both processes
+    assert len({out.strip() for out, _ in results}) == 1
