@@ -471,6 +471,24 @@ def _dataset_source(source: str, split_name: str) -> Any:
             return CodeDatasetSource(tags={"detoxflow.source": source, "split": split_name})
 
 
+_DUPLICATE_KEY = ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def _log_inputs(cli: MlflowClient, run_id: str, inputs: list[Any], attempts: int = 3) -> None:
+    """``log_inputs``, retried when the store refuses a duplicate dataset row: two runs logging the same split at
+    the same moment both find no dataset row and both insert it (seen on a PostgreSQL-backed server with eight
+    concurrent gates); on the retry the row exists and is only linked to the run."""
+    for attempt in range(attempts):
+        try:
+            cli.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            if attempt + 1 == attempts or not any(k in str(e) for k in _DUPLICATE_KEY):
+                raise
+            log.info("log_inputs raced another run on the same dataset; retrying (%s)", type(e).__name__)
+            time.sleep(0.2 * (attempt + 1))
+
+
 def log_split(
     split_name: str,
     digest: str,
@@ -490,9 +508,8 @@ def log_split(
     cli = client()
     df = pd.DataFrame({"id": [str(i) for i in ids]})
     dataset = mlflow.data.from_pandas(df, source=_dataset_source(source, split_name), name=split_name, digest=digest)
-    cli.log_inputs(
-        rid, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-    )
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    _log_inputs(cli, rid, inputs)
     cli.log_dict(rid, {"split": split_name, "digest": digest, "source": source, "n": len(ids), "ids": list(map(str, ids))},
                  f"data/{split_name}.ids.json")
     set_tags({f"detoxflow.data.{split_name}.digest": digest, f"detoxflow.data.{split_name}.n": str(len(ids))}, rid)

@@ -423,3 +423,33 @@ def test_two_processes_create_a_fresh_sqlite_store_at_once(tmp_path, monkeypatch
         assert p.returncode == 0, err[-2000:]
     # one experiment, the same id in both processes
     assert len({out.strip() for out, _ in results}) == 1
+
+
+def test_log_split_retries_a_dataset_row_another_run_inserted_first(cfg, monkeypatch):
+    """Two runs logging the same split at once: the store refuses the second insert of the dataset row (a unique
+    key); the retry links the existing row instead of failing the run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.log_inputs
+    calls = []
+
+    def racing(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"')
+        return real(self, run_id, datasets=datasets, models=models)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    with T.parent_run(cfg, "pipeline") as run_id:
+        T.log_split("test", "abc123", "embedded", ["a", "b"], "evaluation", run_id=run_id)
+    assert len(calls) == 2
+    run = mlflow.get_run(run_id)
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == ["abc123"]
+
+    def refused(self, run_id, datasets=None, models=None):
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", refused)
+    with pytest.raises(MlflowException, match="not found"), T.parent_run(cfg, "pipeline") as run_id:
+        T.log_split("test", "abc123", "embedded", ["a"], "evaluation", run_id=run_id)
