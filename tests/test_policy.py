@@ -96,7 +96,9 @@ def test_adapter_off_logits_equal_plain_base_model(tiny_models, arch: str) -> No
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kl_is_zero_before_first_update(tiny_models, arch: str) -> None:
+    """Fresh adapter (B = 0): adapter-on and adapter-off logprobs are bit-identical, on the default (fast) path."""
     policy = load(tiny_models, arch)
+    assert policy.fast is not None
     q, qm, r, rm = rollout(policy)
     with torch.no_grad():
         logprobs, values, entropy = policy.forward(q, qm, r, rm)
