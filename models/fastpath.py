@@ -103,12 +103,19 @@ def _wrap(module: nn.Module, adapter: str) -> Linear:
     raise Unsupported(f"linear layer of type {name}")
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, explicit_grad: bool = True
+) -> torch.Tensor:
     """``q (B, h, T, d), k/v (B, h, S, d), mask (B|1, 1|h, T, S)`` (bool: attend; or float: added) ``-> (B, T, h*d)``.
 
-    SDPA, except under autograd on CPU with an additive mask (T5's position bias): there its flash kernel's
-    backward costs 1.2-1.5x the three explicit ops' (measured, B 4, T 96, d 32-64, 1 thread)."""
-    if mask is not None and mask.dtype != torch.bool and q.requires_grad and q.device.type == "cpu":
+    SDPA, except on CPU with an additive mask in two cases where three explicit ops are faster: without autograd
+    and several queries (1.3-1.4x at B 16, T 69-101, d 32, 2 threads; SDPA keeps the single-query decode step),
+    and under autograd when ``explicit_grad`` (T5's position bias: SDPA's flash backward costs 1.2-1.5x there,
+    measured at B 4, T 96, d 32-64, 1 thread; with a padding or causal mask it goes the other way, 1.1-2.1x in
+    SDPA's favour at B 4, T 33-101, S 101, 2 threads, so GPT-2 and T5's cross-attention pass False)."""
+    if mask is not None and mask.dtype != torch.bool and q.device.type == "cpu" and (
+        (q.requires_grad and explicit_grad) or (not q.requires_grad and q.shape[2] > 1)
+    ):
         scores = torch.matmul(q, k.transpose(-1, -2))
         if scale != 1.0:
             scores = scores * scale
@@ -116,6 +123,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool ``allowed`` -> the same shape in ``dtype``: 0 where allowed, the dtype's minimum elsewhere (finite, so a
+    row with nothing allowed gives no NaN). Built once per forward or rollout: SDPA would otherwise convert a bool
+    mask on every call."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def causal_mask(key_valid: torch.Tensor, t: int, start: int = 0) -> torch.Tensor:
@@ -254,13 +268,19 @@ class FastGPT2(_Fast):
 
     def _hidden(
         self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, lora: bool, training: bool,
-        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, start: int = 0,
+        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, start: int = 0, keep: slice | None = None,
     ) -> torch.Tensor:
         """``ids, position_ids (B, T), mask (B, 1, T, S) -> final hidden state (B, T, H)`` (after ``ln_f``). With
         ``kv``, this call's keys/values are written into the buffers at ``[start, start + T)`` and attention runs
-        over ``[0, start + T)`` (``S = start + T``)."""
+        over ``[0, start + T)`` (``S = start + T``).
+
+        ``keep``: only these positions' hidden states are wanted (``-> (B, len(keep), H)``). The last block then
+        projects keys and values at every position (the kept queries attend to them) but runs its queries,
+        attention, MLP and residual stream at the kept positions alone: every position is independent there. That
+        block is half of a 2-layer model's forward, and the response is a third of a PPO sequence."""
         b, t = ids.shape
         d, nh = self.d, self.heads
+        last = len(self.blocks) - 1
         x = F.embedding(ids, self.wte) + F.embedding(position_ids, self.wpe)
         for i, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (d,), blk.ln1[0], blk.ln1[1], self.eps)
@@ -270,7 +290,9 @@ class FastGPT2(_Fast):
                 kb[:, :, start : start + t] = k
                 vb[:, :, start : start + t] = v
                 k, v = kb[:, :, : start + t], vb[:, :, : start + t]
-            x = x + linear(_attend(q, k, v, mask, blk.scale), blk.attn_proj, lora, training)
+            if i == last and keep is not None:
+                x, q, mask = x[:, keep], q[:, :, keep], mask[:, :, keep]
+            x = x + linear(_attend(q, k, v, mask, blk.scale, explicit_grad=False), blk.attn_proj, lora, training)
             h = F.layer_norm(x, (d,), blk.ln2[0], blk.ln2[1], self.eps)
             x = x + linear(self.act(linear(h, blk.c_fc, lora, training)), blk.mlp_proj, lora, training)
         return F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
@@ -281,8 +303,9 @@ class FastGPT2(_Fast):
         """``ids, mask, position_ids (B, Tq + Tr) -> logits (B, Tr, V), hidden (B, Tr, H) or None``: the positions
         ``tq - 1 .. tq + tr - 2`` that predict the response tokens (what ``Policy._run`` returns)."""
         lora, training = self.lora_state()
-        hidden = self._hidden(ids, position_ids, causal_mask(mask.bool(), ids.shape[1]), lora, training)
-        hidden = hidden[:, tq - 1 : tq - 1 + tr]
+        allowed = causal_mask(mask.bool(), ids.shape[1])
+        hidden = self._hidden(ids, position_ids, additive_mask(allowed, self.wte.dtype), lora, training,
+                              keep=slice(tq - 1, tq - 1 + tr))
         logits = linear(hidden, self.lm_head, False, False)
         return logits, hidden if want_hidden else None
 
@@ -296,8 +319,10 @@ class FastGPT2(_Fast):
                query_ids.new_empty((b, nh, total, self.d // nh), dtype=self.wte.dtype)) for _ in self.blocks]
         valid = torch.cat([query_mask.bool(), query_mask.new_ones((b, n_new), dtype=torch.bool)], dim=1)
         position = (query_mask.long().cumsum(1) - 1).clamp(min=0)
-        hidden = self._hidden(query_ids, position, causal_mask(valid[:, :tq], tq), lora, training, kv, 0)[:, -1]
-        step_mask = valid[:, None, None, :]  # (B, 1, 1, total): one query row, sliced to the filled length
+        prefill_mask = additive_mask(causal_mask(valid[:, :tq], tq), self.wte.dtype)
+        hidden = self._hidden(query_ids, position, prefill_mask, lora, training, kv, 0, keep=slice(tq - 1, tq))[:, -1]
+        # (B, 1, 1, total): one query row, sliced to the filled length
+        step_mask = additive_mask(valid[:, None, None, :], self.wte.dtype)
         position = position[:, -1:]
         for t in range(n_new):
             token = yield linear(hidden, self.lm_head, False, False), hidden
@@ -452,7 +477,7 @@ class FastT5(_Fast):
             k, v = cross_in
         else:
             k, v = self._heads(linear(cross_in, c.k, lora, training)), self._heads(linear(cross_in, c.v, lora, training))
-        x = x + linear(_attend(q, k, v, cross_mask, 1.0), c.o, lora, training)
+        x = x + linear(_attend(q, k, v, cross_mask, 1.0, explicit_grad=False), c.o, lora, training)
         return self._ff(x, blk, lora, training)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -468,7 +493,7 @@ class FastT5(_Fast):
         td = decoder_input_ids.shape[1]
         self_bias = relative_position_bias(self.dec_rel, self.attn_cls, td, td, False, self.buckets, self.max_distance)
         self_bias = _additive(self_bias, causal_mask(decoder_attention_mask.bool(), td))
-        cross_mask = attention_mask.bool()[:, None, None, :]
+        cross_mask = additive_mask(attention_mask.bool()[:, None, None, :], enc.dtype)
         x = F.embedding(decoder_input_ids, self.dec_embed)
         for blk in self.dec_blocks:
             x = self._decoder_layer(x, blk, self_bias, None, enc, cross_mask, lora, training, 0)
@@ -482,7 +507,7 @@ class FastT5(_Fast):
         b = query_ids.shape[0]
         enc = self.encode(query_ids, query_mask, lora, training)
         cross = self._cross_kv(enc, lora, training)
-        cross_mask = query_mask.bool()[:, None, None, :]
+        cross_mask = additive_mask(query_mask.bool()[:, None, None, :], enc.dtype)
         # generated tokens always attend (as HF decoding without a decoder mask): causal bias, no padding
         bias = relative_position_bias(self.dec_rel, self.attn_cls, n_new, n_new, False, self.buckets, self.max_distance)
         kv = [(enc.new_empty((b, self.heads, n_new, self.d_kv)), enc.new_empty((b, self.heads, n_new, self.d_kv)))
