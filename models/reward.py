@@ -96,19 +96,27 @@ def _empty() -> ScoreResult:
 class ProfanityCheckScorer:
     """The embedded, offline default: toxicity = P(offensive) from alt-profanity-check's linear SVM.
 
-    ``scores = (1 - toxicity) * scale``.
+    ``scores = (1 - toxicity) * scale``. Scored by :class:`detoxflow.models.profanity.ProfanityModel` (the same
+    numbers, without scikit-learn in the process); if the installed package's model cannot be exported, by the
+    package itself, with a warning that says why.
     """
 
     name = "profanity_check"
 
     def __init__(self, batch_size: int = 32, scale: float = 1.0) -> None:
+        from detoxflow.models.profanity import ExportError, ProfanityModel
+
         try:
-            from profanity_check import predict_prob
-        except ImportError as e:  # pragma: no cover - a dependency of the package
-            raise RewardError(
-                "reward.kind 'profanity_check' needs the alt-profanity-check package: pip install alt-profanity-check"
-            ) from e
-        self._predict_prob = predict_prob
+            self._predict_prob = ProfanityModel.load().predict_prob
+        except ExportError as e:
+            logger.warning("profanity_check: scoring through the package (scikit-learn in process): %s", e)
+            try:
+                from profanity_check import predict_prob
+            except ImportError as e2:  # pragma: no cover - a dependency of the package
+                raise RewardError(
+                    "reward.kind 'profanity_check' needs the alt-profanity-check package: pip install alt-profanity-check"
+                ) from e2
+            self._predict_prob = predict_prob
         self.batch_size = batch_size
         self.scale = scale
 

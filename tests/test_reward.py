@@ -171,3 +171,65 @@ def test_scorer_input_modes():
         scorer_input(["Q"], ["s"], "both")
     with pytest.raises(ValueError, match="1 queries but 2 responses"):
         scorer_input(["Q"], ["s", "t"])
+
+
+# ---------------------------------------------------------------------------------------------- profanity export
+
+DIALOGSUM_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dev.jsonl"
+EDGE_TEXTS = ["", "   ", "!!! ???", "the and of it is", "IDIOT", "Idiot idiot IDIOT idiot", "you stupid moron", "a b c",
+              "naïve café déjà vu, Straße", "fuck", "fuck fuck fuck fuck fuck off", "x" * 500, "shit\nhappens\tdaily",
+              "#Person1#: you're a damn fool. #Person2#: whatever, loser."]
+
+
+def _corpus_texts() -> list[str]:
+    import json
+
+    texts = list(EDGE_TEXTS)
+    for split in ("train", "validation", "test"):
+        for line in (Path(__file__).resolve().parents[1] / "data" / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            texts += [row["summary"], row["dialogue"]]
+    if DIALOGSUM_DEV.is_file():
+        rows = [json.loads(line) for line in DIALOGSUM_DEV.read_text().splitlines()[:300]]
+        texts += [r["summary"] for r in rows] + [r["dialogue"] for r in rows]
+    return texts
+
+
+def test_exported_profanity_model_scores_exactly_as_the_package():
+    """The NumPy scorer must be the package's classifier, number for number, across clean and offensive text."""
+    from profanity_check import predict_prob
+
+    from detoxflow.models.profanity import ProfanityModel
+
+    texts = _corpus_texts()
+    ours, theirs = ProfanityModel.load().predict_prob(texts), predict_prob(texts)
+    assert ours.shape == theirs.shape == (len(texts),)
+    worst = int(abs(ours - theirs).argmax())
+    assert abs(ours - theirs).max() < 1e-12, (texts[worst][:80], ours[worst], theirs[worst])
+    assert (theirs > 0.9).sum() >= 10 and (theirs < 0.1).sum() >= 10  # both ends of the range are covered
+
+
+def test_default_scorer_keeps_scikit_learn_out_of_the_process():
+    """What the export is for: a training process scores without importing scikit-learn / SciPy (~110 MB RSS)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from detoxflow.config import RewardConfig; from detoxflow.models.reward import build_scorer; "
+            "r = build_scorer(RewardConfig()).score(['you stupid idiot', 'thanks for dinner']); "
+            "assert r.toxicity[0] > 0.5 > r.toxicity[1], r; "
+            "print(sorted(m for m in ('sklearn', 'scipy', 'joblib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_damaged_profanity_export_is_rewritten(tmp_path, monkeypatch):
+    from detoxflow.models.profanity import ProfanityModel, exported_path
+
+    monkeypatch.setenv("DETOXFLOW_CACHE", str(tmp_path))
+    path = exported_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an npz")  # e.g. a disk that filled up under an older, non-atomic writer
+    model = ProfanityModel.load()
+    assert model.predict_prob([INSULTING])[0] > 0.5
+    assert ProfanityModel(path).predict_prob([POLITE])[0] < 0.5  # the file itself was replaced
