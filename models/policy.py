@@ -324,8 +324,17 @@ class Policy:
         self.value_head.load_state_dict(state["value_head"])
 
     def set_train(self, mode: bool) -> None:
-        """Train mode only matters for LoRA dropout (base dropout is off, see _disable_base_dropout)."""
-        self.model.train(mode)
+        """Train mode only matters for LoRA dropout (base dropout is off, see _disable_base_dropout). Does nothing
+        when the model is already in that mode: ``train()`` walks every module (~2 ms at tiny sizes)."""
+        if self.model.training != mode:
+            self.model.train(mode)
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """The reference model: this policy with its adapter off (through the fast path's own switch when it serves
+        the passes, else PEFT's ``disable_adapter()``)."""
+        with self.fast.adapter_off() if self.fast is not None else self.model.disable_adapter():
+            yield
 
     # ------------------------------------------------------------------------------------------ tokens
 
@@ -385,7 +394,7 @@ class Policy:
         step_logits: list[torch.Tensor] = []
         step_hidden: list[torch.Tensor] = []
         was_training = self.model.training
-        self.model.eval()
+        self.set_train(False)
         try:
             with torch.inference_mode(), self._lora_merged():
                 step = self._decode_steps(base, query_ids, query_mask, n_new)
@@ -409,7 +418,7 @@ class Policy:
                     logits, hidden = step.send(token)
                 step.close()
         finally:
-            self.model.train(was_training)
+            self.set_train(was_training)
         # stacked outside inference mode: inference tensors could not be saved for a later backward pass
         response = torch.stack(tokens, dim=1)
         mask = response_mask_from_eos(response, eos)
@@ -446,7 +455,7 @@ class Policy:
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
                 swapped.append((weight, weight.data))
                 weight.data = weight.data + delta
-            with self.model.disable_adapter():
+            with self.adapter_disabled():
                 yield
         finally:
             for weight, original in swapped:
@@ -591,7 +600,7 @@ class Policy:
     ) -> torch.Tensor:
         """Reference logprobs ``(B, Tr)``: the same model with the adapter disabled (the base, or the merged SFT
         policy), no gradient."""
-        with torch.no_grad(), self.model.disable_adapter():
+        with torch.no_grad(), self.adapter_disabled():
             logits, _, tr = self._run(query_ids, query_mask, response_ids, response_mask, want_hidden=False)
             if temperature != 1.0:
                 logits = logits / temperature
