@@ -370,8 +370,7 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.de
     """AdamW over the trainable (adapter + value head) parameters, without weight decay. The fused kernel on CPU
     and CUDA: on CPU it takes 0.3 ms a step against the per-parameter loop's 1.4 ms for a T5 adapter's 26
     tensors (2 threads), and a PPO step makes one optimizer step per mini-batch."""
-    fused = device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda") or None)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int):  # -> LRScheduler
