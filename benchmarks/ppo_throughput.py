@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detoxflow.atomic import atomic_dir
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = "peer_trl011_ppo.py"
 FLOOR_SCRIPT = "floor.py"
@@ -151,18 +153,14 @@ def ensure_models(models_root: Path, size: str, peer_python: Path, bench: Path) 
         return dest
     small = ensure_models(models_root, "small", peer_python, bench) if size == "base" else None
     models_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{size}.", dir=models_root))
     try:
-        if small is not None:
-            cmd = [str(peer_python), "-c", BUILD_BASE, str(small), str(tmp), json.dumps(BASE_SHAPES)]
-        else:
-            cmd = [str(peer_python), str(bench / MODELS_SCRIPT), str(tmp), "--size", size]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            if small is not None:
+                cmd = [str(peer_python), "-c", BUILD_BASE, str(small), str(tmp), json.dumps(BASE_SHAPES)]
+            else:
+                cmd = [str(peer_python), str(bench / MODELS_SCRIPT), str(tmp), "--size", size]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise BenchError(f"{MODELS_SCRIPT} --size {size} failed:\n{e.stderr[-2000:]}") from None
     return dest
 
@@ -398,6 +396,7 @@ class PhaseProfile:
 def install_phase_profile(scorer: Any) -> PhaseProfile:
     """Wrap the calls of one PPO step (see :class:`PhaseProfile`)."""
     import torch
+
     from detoxflow.models import monitors, trainer
     from detoxflow.models.policy import Policy
 
@@ -425,11 +424,10 @@ def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list
     import torch
 
     torch.set_num_threads(threads)
+    from detoxflow.config import _set_dotted, config_from_dict, parse_override
     from detoxflow.models.policy import Policy
     from detoxflow.models.reward import build_scorer
     from detoxflow.models.trainer import train
-
-    from detoxflow.config import _set_dotted, config_from_dict, parse_override
 
     logging.basicConfig(level=logging.WARNING)
     data: dict[str, Any] = {

@@ -31,9 +31,8 @@ from ppo_throughput import BATCH, LORA_TARGETS, NEW_TOKENS, PROMPT, cache_root
 
 def variants(arch: str, size: str, models_dir: Path) -> dict[str, Callable[[], object]]:
     import detoxflow.models.policy as policy_module
-    from detoxflow.models.policy import Policy
-
     from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
+    from detoxflow.models.policy import Policy
 
     policy = Policy.load(ModelConfig(name_or_path=str(models_dir / size / arch), device="cpu"),
                          LoraSection(r=8, alpha=16, dropout=0.05, target_modules=LORA_TARGETS[arch]))

@@ -206,7 +206,7 @@ def job_interview(d: Draw, heated: bool) -> Scene:
     start = d.pick(WEEKDAYS[:5] + ["next month", "the first of June", "next week"])
     on_start = start if start.startswith("next") else f"on {start}"
     t = [
-        (1, d.one(f"Good morning. Please introduce yourself.", "Thanks for coming in. Could you tell me about yourself?")),
+        (1, d.one("Good morning. Please introduce yourself.", "Thanks for coming in. Could you tell me about yourself?")),
         (2, d.one(f"My name is {name}. I'm applying for the {job} position at {company}.", f"I'm {name}, and I'd like to work as {an(job)} at {company}.")),
         (1, d.one("How much experience do you have?", "What experience do you have in this field?")),
         (2, d.one(f"I have {years} years of experience.", f"I've worked as {an(job)} for {years} years.")),
@@ -452,7 +452,7 @@ def weekend_plans(d: Draw, heated: bool) -> Scene:
         (1, d.one(f"Let's {activity}.", f"Would you like to {activity}?")),
     ]
     if heated:
-        t += [(2, f"Last time you were an hour late! " + angry(d)), (1, "I said I was sorry! Calm down."), (2, f"Okay. But be on time.")]
+        t += [(2, "Last time you were an hour late! " + angry(d)), (1, "I said I was sorry! Calm down."), (2, "Okay. But be on time.")]
         summ = f"{a} invites {b} to {activity} on {day} at {time}. {b} angrily reminds {a} about being late last time."
     else:
         t += [(2, d.one("Sounds great!", "Sure, I'd love to."))]
@@ -559,7 +559,7 @@ def hairdresser(d: Draw, heated: bool) -> Scene:
     if heated:
         t += [(2, "Last time your stylist ruined my hair! " + angry(d)), (1, calm(d) + " Our best stylist will do it.")]
     t += [(2, "Okay, book it."), (1, "See you then.")]
-    mood = f" after complaining angrily about the stylist last time" if heated else ""
+    mood = " after complaining angrily about the stylist last time" if heated else ""
     summ = f"{name} books {service} for {day} at {time}{mood}."
     return Scene(t, summ, "make an appointment")
 
@@ -630,7 +630,7 @@ def movie_plans(d: Draw, heated: bool) -> Scene:
     t = [(1, d.one(f"{b}, let's watch {an(genre)} tonight.", f"How about {an(genre)} tonight, {b}?")),
          (2, d.one(f"Hmm, {a}, I'm not sure.", f"Okay, {a}. What time?"))]
     if heated:
-        t += [(2, f"We always watch what you want! " + angry(d)), (1, "Calm down, it's just a movie.")]
+        t += [(2, "We always watch what you want! " + angry(d)), (1, "Calm down, it's just a movie.")]
     t += [(1, f"The show starts at {time}."), (2, "Fine, let's go.")]
     mood = f", although {b} is angry that {a} always chooses" if heated else ""
     summ = f"{a} and {b} go to see {an(genre)} at {time}{mood}."

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,7 +31,7 @@ out = Console()
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/default.yaml")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="override a field: --set ppo.steps=5 (repeatable)")
+    list[str] | None, typer.Option("--set", "-s", help="override a field: --set ppo.steps=5 (repeatable)")
 ]
 
 
@@ -150,7 +150,7 @@ def train(
     config: ConfigOpt = Path("configs/default.yaml"),
     set_: SetOpt = None,
     num_processes: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--num-processes", "-n", min=1,
                      help="data-parallel processes, started with accelerate launch (sets orchestration.train_processes)"),
     ] = None,
@@ -176,7 +176,7 @@ def train_rank(
     run_id: Annotated[str, typer.Option(help="MLflow run that rank 0 logs to")],
     work_key: Annotated[str, typer.Option(help="keys the checkpoint folder")],
     result: Annotated[Path, typer.Option(help="where rank 0 writes the result JSON")],
-    expected_train_digest: Annotated[Optional[str], typer.Option()] = None,
+    expected_train_digest: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """One rank of a multi-process training run; started by `accelerate launch` from the train_ppo task."""
     cfg = Config.model_validate_json(config_json.read_text())
@@ -215,7 +215,7 @@ def promote(
 def sweep(
     config: ConfigOpt = Path("configs/sweep.yaml"),
     set_: SetOpt = None,
-    settings: Annotated[Optional[Path], typer.Option(
+    settings: Annotated[Path | None, typer.Option(
         help="YAML list of settings, e.g. [{label: rloo, ppo.backend: rloo}]; default: no KL, two fixed, two adaptive")] = None,
 ) -> None:
     """Train at several KL settings and chart the reward-hacking frontier (the `kl_sweep` flow)."""

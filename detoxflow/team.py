@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -602,7 +602,7 @@ class TeamStack:
             proc.start()
             self.workers[pool] = proc
         # A restarted worker keeps its name, so only a heartbeat newer than this start counts as "up".
-        since = datetime.now(timezone.utc) - timedelta(seconds=1)
+        since = datetime.now(UTC) - timedelta(seconds=1)
         for pool, proc in self.workers.items():
             wait_until(lambda p=pool: self.pool_has_online_worker(p, since), f"Prefect worker for pool '{pool}'",
                        START_TIMEOUT_S, proc)

@@ -46,6 +46,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 import detoxflow
+from detoxflow.atomic import publish
 from detoxflow.config import Config, dump_yaml
 from detoxflow.locks import gate_lock, sqlite_path
 from detoxflow.paths import PROJECT_ROOT, cache_dir, work_dir
@@ -824,11 +825,7 @@ def _download(source: str, key: str) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp)))
         if not (local / "detoxflow.json").is_file():
             raise TrackingError(f"{source} is not a detoxflow model artifact (no detoxflow.json)")
-        try:
-            os.replace(local, dest)
-        except OSError:
-            if not (dest / "detoxflow.json").is_file():  # not a concurrent download that won the race
-                raise
+        publish(local, dest, if_exists="keep")  # a concurrent download may have published it first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -18,10 +18,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from detoxflow.atomic import atomic_dir
 from detoxflow.config import DataConfig
 from detoxflow.paths import cache_dir, data_dir
 
@@ -129,13 +127,8 @@ def build_hash(settings: BootstrapSettings) -> str:
 
 # ------------------------------------------------------------------------------------------ build
 def _build_atomically(settings: BootstrapSettings, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, if_exists="fail") as tmp:
         build(settings, tmp)
-        os.rename(tmp, target)  # atomic on one filesystem: readers see no directory or a complete one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build(settings: BootstrapSettings, out_dir: Path) -> dict[str, float]:

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detoxflow.atomic import atomic_dir
 from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
 from detoxflow.models.ppo import entropy_from_logits, logprobs_from_logits
 
@@ -275,9 +275,7 @@ class Policy:
         """Write the model artifact atomically: adapter/, value_head.pt, tokenizer/, base/ (local bases),
         sft_adapter/ (if one was merged), detoxflow.json (arch, base, lora, plus ``extra``: config, metrics)."""
         dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
+        with atomic_dir(dest) as tmp:
             self.model.save_pretrained(str(tmp / "adapter"))
             torch.save({k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}, tmp / "value_head.pt")
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -293,12 +291,6 @@ class Policy:
             meta = {"arch": "seq2seq" if self.is_seq2seq else "causal", "base": base_meta, "dtype": dtype,
                     "lora": self.lora_settings, **(extra or {})}
             (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, default=str))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
     # ------------------------------------------------------------------------------------------ state

@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detoxflow.atomic import atomic_file
 from detoxflow.paths import cache_dir
 
 # Runs in a subprocess: argv[1] is the .npz to write. Exits 3 with a message on stderr when the fitted objects
@@ -99,18 +98,12 @@ def exported_path() -> Path:
 
 def export(path: Path, timeout: float = 300.0) -> Path:
     """Write the export to ``path`` (atomically: a temporary file renamed into place) by a subprocess."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        proc = subprocess.run([sys.executable, "-c", _EXPORT, tmp], capture_output=True, text=True, timeout=timeout)
+    with atomic_file(path, suffix=".tmp.npz") as tmp:
+        proc = subprocess.run([sys.executable, "-c", _EXPORT, str(tmp)], capture_output=True, text=True,
+                              timeout=timeout)
         if proc.returncode != 0:
             raise ExportError(f"exporting alt-profanity-check's model failed (exit {proc.returncode}): "
                               f"{proc.stderr.strip()[-800:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

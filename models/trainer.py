@@ -19,7 +19,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from detoxflow.atomic import atomic_dir
 from detoxflow.config import Config, KLConfig
 from detoxflow.models import distributed, monitors
 from detoxflow.models import ppo as P
@@ -469,8 +469,7 @@ def save_checkpoint(
     """Write ``root/step-<step>`` atomically (temp folder + rename), then drop all but the ``keep`` newest."""
     root.mkdir(parents=True, exist_ok=True)
     dest = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
-    try:
+    with atomic_dir(dest) as tmp:
         state = {
             "step": step,
             "fingerprint": fingerprint,
@@ -485,12 +484,6 @@ def save_checkpoint(
             state["rng_ranks"] = rng_states
         torch.save(state, tmp / CHECKPOINT_FILE)
         (tmp / "meta.json").write_text(json.dumps({"step": step, "metrics": history[-1] if history else {}}, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name[:5] == "step-" and p.name[5:].isdigit())
     for _, old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

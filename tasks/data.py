@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,29 +16,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from detoxflow import atomic
 from detoxflow.config import Config
 from detoxflow.models.data import Record, build_prompt, load_split, split_digest
 from detoxflow.paths import work_dir
 
-
 logger = logging.getLogger(__name__)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + rename: two runs preparing the same data never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_records(path: Path, records: list[Record]) -> None:
-    _write_atomic(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records))
+    atomic.write_text(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records))
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -114,7 +99,7 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
         json.dumps({"id": r.id, "prompt": build_prompt(data_cfg.prompt_template, r)}, ensure_ascii=False) + "\n"
         for r in train
     )
-    _write_atomic(out / "train_prompts.jsonl", prompts)
+    atomic.write_text(out / "train_prompts.jsonl", prompts)
     write_records(out / "eval_records.jsonl", evals)
     log.info(
         "prepared %d train / %d eval records from %s (train %s, eval %s)",

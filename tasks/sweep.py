@@ -389,7 +389,7 @@ def publish_frontier(
     files["frontier_json"] = out / "frontier.json"
     files["frontier_json"].write_text(json.dumps(table, indent=1, default=str), encoding="utf-8")
 
-    for name, path in files.items():
+    for path in files.values():
         tracking.log_file(path, "plots" if path.suffix == ".png" else "sweep", run_id=parent_run_id)
     key = artifact_key("kl-sweep", cfg.name)
     table_rows = [{h: _cell(r.get(k), f) for k, h, f in TABLE_COLUMNS} for r in (baseline_row(base_metrics), *rows)]

@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from detoxflow import tracking
+from detoxflow import atomic, tracking
 from detoxflow.config import Config, ConfigError
 from detoxflow.models import distributed, plots, trainer
 from detoxflow.models.data import DataError, build_prompt, load_split, split_digest
@@ -280,9 +280,7 @@ def run_rank(cfg: Config, run_id: str, work_key: str, result_json: Path, expecte
     try:
         result = train_and_log(cfg, run_id, work_key, expected_train_digest)
         if dist.is_main:
-            tmp = result_json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=2, default=str))
-            os.replace(tmp, result_json)
+            atomic.write_text(result_json, json.dumps(result, indent=2, default=str))
     finally:
         distributed.shutdown()
 

@@ -18,15 +18,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from servers import ManagedProcess, free_port, http_ok, wait_until
 
 from detoxflow.config import Config, config_from_dict, load_config
-from servers import ManagedProcess, free_port, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -179,7 +179,7 @@ def test_pipeline_deployment_trains_on_the_gpu_pool(tmp_path, tiny_models):
         wait_until(lambda: bool(api.runs_of(nightly, ["SCHEDULED"])), timeout=60, what="a scheduled nightly run")
         scheduled = [datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00"))
                      for r in api.runs_of(nightly, ["SCHEDULED"])]
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         assert all((t.hour, t.minute) == (2, 0) and t > now for t in scheduled)
         assert min(scheduled) - now <= timedelta(days=1)
 

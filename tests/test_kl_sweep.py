@@ -224,7 +224,7 @@ def test_frontier_artifacts_in_mlflow_and_prefect(sweep):
     table = json.loads(Path(result["files"]["frontier_json"]).read_text())
     assert [r["label"] for r in table["settings"]] == ["no KL", "adaptive 3"]
     assert table["baseline"]["toxicity_after"] == pytest.approx(result["baseline"]["eval/toxicity_mean"])
-    for label, rows in table["samples"].items():
+    for rows in table["samples"].values():
         assert len(rows) == 3 and {"response_before", "response_after", "toxicity_before"} <= set(rows[0])
     md = Path(result["files"]["frontier_md"]).read_text()
     assert "| baseline (before training) |" in md and "| no KL |" in md and "| adaptive 3 |" in md

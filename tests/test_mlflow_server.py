@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from servers import migrated_sqlite_store, postgres_available, start_mlflow_server, start_postgres
 
 from detoxflow.config import Config, GenerationConfig, LoraSection, ModelConfig, TrackingConfig
 from detoxflow.locks import LOCK_DB_ENV, LockTimeout, gate_lock, lock_db_uri, lock_key
-from servers import migrated_sqlite_store, postgres_available, start_mlflow_server, start_postgres
 
 mlflow = pytest.importorskip("mlflow")
 from detoxflow import tracking as T  # noqa: E402
@@ -70,7 +70,7 @@ def test_registered_champion_generates_in_a_fresh_process_via_the_server(server,
     gen = GenerationConfig(max_new_tokens=48, min_new_tokens=0, do_sample=False)  # what `generate` uses
     expected = policy.generate_texts([PROMPT], gen)[0]
 
-    with T.parent_run(cfg, "pipeline") as parent:
+    with T.parent_run(cfg, "pipeline"):
         T.log_split(cfg.data.eval_split, "abcdabcdabcdabcd", "embedded", ["d1", "d2"], "evaluation")
         with T.child_run("train") as train_id:
             uri = T.log_model_dir(art)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_flows import CORPUS, tiny_config, write_split
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

@@ -14,8 +14,8 @@ from detoxflow.models.reward import (
     HFClassifierScorer,
     ProfanityCheckScorer,
     RewardError,
-    ScoreResult,
     Scorer,
+    ScoreResult,
     build_scorer,
     scorer_input,
 )

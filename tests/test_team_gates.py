@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 import servers
+
 from detoxflow.team import TeamStack, deploy_all
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import servers
 from rich.console import Console
 
-import servers
 from detoxflow.doctor import run_doctor
 from detoxflow.team import TeamError, TeamPorts, TeamStack, deploy_all, free_port, http_get, postgres_bin_dir
 

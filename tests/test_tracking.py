@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import migrated_sqlite_store
 
 from detoxflow.config import Config, load_config
 from detoxflow.locks import LockTimeout, gate_lock, lock_file_path, lock_key
-from servers import migrated_sqlite_store
 
 mlflow = pytest.importorskip("mlflow")
 from detoxflow import tracking as T  # noqa: E402
@@ -138,16 +138,19 @@ def test_child_runs_nest_from_worker_threads_and_retries_resume(cfg):
     with T.parent_run(cfg, "pipeline") as parent:
         first: dict[str, str] = {}
         t = threading.Thread(target=stage, args=(parent, "train", True, first))
-        t.start(); t.join()
+        t.start()
+        t.join()
         assert client.get_run(first["train"]).info.status == "FAILED"
 
         retry: dict[str, str] = {}
         t = threading.Thread(target=stage, args=(parent, "train", False, retry))
-        t.start(); t.join()
+        t.start()
+        t.join()
         assert retry["train"] == first["train"], "a retried stage must continue its failed child run"
 
         t = threading.Thread(target=stage, args=(parent, "evaluate_aligned", False, retry))
-        t.start(); t.join()
+        t.start()
+        t.join()
         # in the flow's own thread the parent is the active run
         with T.child_run("gate") as gate_id:
             pass
@@ -229,7 +232,7 @@ def test_log_table_replaces_instead_of_appending(cfg):
 def test_register_creates_versions_moves_challenger_and_tags(cfg, tmp_path):
     name = cfg.registered_model_name
     assert name == "detoxflow-unit"
-    with T.parent_run(cfg, "pipeline") as parent:
+    with T.parent_run(cfg, "pipeline"):
         T.log_split(cfg.data.eval_split, "feedfacefeedface", "embedded", ["a", "b"], "evaluation")
         with T.child_run("train") as train1:
             T.log_model_dir(_model_dir(tmp_path, "one"))
@@ -316,7 +319,8 @@ def test_file_gate_lock_excludes_other_threads_and_is_reentrant(cfg):
                 result.append(str(e))
 
         t = threading.Thread(target=contender)
-        t.start(); t.join()
+        t.start()
+        t.join()
         assert "not acquired within" in result[0] and "detoxflow-unit" in result[0]
     # released: now it can be taken
     with gate_lock(cfg, timeout=1):
@@ -419,7 +423,7 @@ def test_two_processes_create_a_fresh_sqlite_store_at_once(tmp_path, monkeypatch
     procs = [subprocess.Popen([sys.executable, "-c", script, str(start)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results, strict=True):
+    for p, (_out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-2000:]
     # one experiment, the same id in both processes
     assert len({out.strip() for out, _ in results}) == 1

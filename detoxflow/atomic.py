@@ -1,0 +1,67 @@
+"""Atomic writes: build a file or a folder beside its destination, then rename it into place.
+
+Readers see no destination or a complete one, never a half-written one, and a failure leaves the old
+destination untouched. The one place detoxflow renames a temporary over a destination.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+IfExists = Literal["replace", "keep", "fail"]
+
+
+def publish(src: Path, dest: Path, *, if_exists: IfExists = "replace") -> None:
+    """Rename ``src`` onto ``dest`` (same filesystem).
+
+    ``if_exists``: ``replace`` removes an existing folder ``dest`` first (a file is replaced by the rename
+    itself); ``keep`` accepts an existing ``dest`` that another writer published first (``src`` stays for
+    the caller to clean up); ``fail`` raises ``OSError`` when ``dest`` is a non-empty folder."""
+    if if_exists == "replace" and dest.is_dir() and src.is_dir():
+        shutil.rmtree(dest)
+    try:
+        os.replace(src, dest)
+    except OSError:
+        if if_exists == "keep" and dest.exists():
+            return
+        raise
+
+
+@contextmanager
+def atomic_dir(dest: Path, *, if_exists: IfExists = "replace") -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; on a clean exit it becomes ``dest``, on an error it
+    is removed (``dest`` unchanged)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        publish(tmp, dest, if_exists=if_exists)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(dest: Path, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path beside ``dest`` (ending in ``suffix``); on a clean exit it replaces
+    ``dest``, on an error it is removed."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        publish(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(dest: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``dest`` atomically."""
+    with atomic_file(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
