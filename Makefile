@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test test-fast bootstrap bench lint clean
+.PHONY: install demo test test-fast lint bootstrap clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,17 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/detoxflow run --config $(CONFIG)
 
-test: install
+# The guard rails: ruff, and the layers contract (import-linter, pyproject.toml [tool.importlinter]).
+# import-linter reads packages from disk, and detoxflow.models/tasks/flows live in top-level folders
+# (package-dir), so the installed package's shape is laid out in a scratch folder first.
+LINT_TREE := .lint-tree
+lint: install
+	$(VENV)/bin/ruff check .
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE) && cp -r detoxflow $(LINT_TREE)/ \
+	  && for p in models tasks flows; do cp -r $$p $(LINT_TREE)/detoxflow/$$p; done
+	cd $(LINT_TREE) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --config ../pyproject.toml
+
+test: install lint
 	$(VENV)/bin/python -m pytest -q
 
 test-fast: install
@@ -33,4 +43,4 @@ bootstrap: install
 	$(VENV)/bin/detoxflow bootstrap all
 
 clean:
-	rm -rf .detoxflow .pytest_cache
+	rm -rf .detoxflow .pytest_cache $(LINT_TREE)
