@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test test-fast bootstrap bench lint clean
+.PHONY: install demo test test-fast bootstrap clean
 
 install: $(VENV)/.installed
 
