@@ -10,14 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from rich.console import Console
+
+from detoxflow.net import JSON_HEADERS, redact_url, request
 
 DEFAULT_POOLS = "cpu,gpu"
 # Environment variables that may hold a PostgreSQL URL the team stack depends on.
@@ -37,25 +37,8 @@ class Check:
 def _request(url: str, method: str = "GET", body: dict | None = None,
              headers: Mapping[str, str] | None = None) -> tuple[int, str, str]:
     """(status, body, error): status 0 with the error text when nothing answered."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310 - user-configured service URLs
-            return resp.status, resp.read().decode("utf-8", "replace"), ""
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace"), ""
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        return 0, "", str(getattr(e, "reason", e))
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    r = request(url, method, body, {**JSON_HEADERS, **(headers or {})}, timeout=TIMEOUT_S)
+    return r.status, r.text, r.reason
 
 
 # --------------------------------------------------------------------------------------------- Prefect
@@ -246,7 +229,7 @@ def check_databases(env: Mapping[str, str]) -> list[Check]:
             out.append(Check(True, f"PostgreSQL {where} reachable"))
         except psycopg2.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            out.append(Check(False, f"PostgreSQL {_redact(url)}: {first}",
+            out.append(Check(False, f"PostgreSQL {redact_url(url, mask_empty_password=True)}: {first}",
                              "start it (`docker compose up -d postgres` / `detoxflow serve team`), check user, "
                              "password and that the database exists (infra/postgres/init.sql creates prefect and mlflow)"))
     return out

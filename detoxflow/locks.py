@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from detoxflow.net import redact_url
+
 if TYPE_CHECKING:
     from detoxflow.config import Config
 
@@ -61,16 +63,8 @@ def libpq_uri(uri: str) -> str:
     """``postgresql+psycopg2://u@h:p/db`` (SQLAlchemy style, as MLflow wants it) -> ``postgresql://u@h:p/db``."""
     parts = urlsplit(uri)
     if not is_postgres_uri(uri):
-        raise ValueError(f"not a PostgreSQL URI: {_redact(uri)} (expected postgresql://user@host:port/db)")
+        raise ValueError(f"not a PostgreSQL URI: {redact_url(uri)} (expected postgresql://user@host:port/db)")
     return urlunsplit(("postgresql", *parts[1:]))
-
-
-def _redact(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit((parts.scheme, netloc, *parts[2:]))
-    return uri
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -90,7 +84,7 @@ def lock_db_uri(cfg: Config) -> str | None:
     if env:
         if not is_postgres_uri(env):
             raise ValueError(
-                f"${LOCK_DB_ENV}={_redact(env)} is not a PostgreSQL URI. Set it to the MLflow server's backend "
+                f"${LOCK_DB_ENV}={redact_url(env)} is not a PostgreSQL URI. Set it to the MLflow server's backend "
                 "store, e.g. postgresql+psycopg2://mlflow:pw@postgres:5432/mlflow, or unset it to use a file lock"
             )
         return env
@@ -160,7 +154,7 @@ def pg_advisory_lock(db_uri: str, name: str, timeout: float = DEFAULT_TIMEOUT_S,
                         break
                     if time.monotonic() > deadline:
                         raise LockTimeout(
-                            f"gate lock '{name}' (pg_advisory_lock key {key} on {_redact(db_uri)}) not acquired "
+                            f"gate lock '{name}' (pg_advisory_lock key {key} on {redact_url(db_uri)}) not acquired "
                             f"within {timeout:.0f} s: another gate holds it. Find the holder with "
                             f"SELECT pid FROM pg_locks WHERE locktype='advisory'; or raise the timeout"
                         )

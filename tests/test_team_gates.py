@@ -1,10 +1,10 @@
 """Eight evaluate-and-promote runs triggered at once against the team stack (issue #8).
 
 The native team stack (PostgreSQL, MLflow server and Prefect server on PostgreSQL, a cpu worker; see
-detoxflow/team.py) runs eight flow runs of the project's `promote/promote-cpu` deployment at the same time,
+detoxflow/team/stack.py) runs eight flow runs of the project's `promote/promote-cpu` deployment at the same time,
 one per registered version. Each evaluates its version on the held-out split and gates it while holding the
 gate lock (`pg_advisory_lock`, because the workers get DETOXFLOW_LOCK_DB_URI). Without the lock the gates race
-on the `champion` alias (design.md §6: the right champion won 2 of 5 times).
+on the `champion` alias (in a measured trial without it, the right champion won 2 of 5 times).
 
 To know which version must win, each version's policy answers every prompt with one word (a tiny GPT-2 whose
 final layer norm emits that word's embedding) and the reward is a lookup of that word's toxicity, so the

@@ -1,0 +1,373 @@
+"""The team stack: PostgreSQL, the MLflow server, the Prefect server and a worker per pool as plain processes
+on 127.0.0.1 (the services of docker-compose.yml), started and stopped in the right order.
+
+:class:`TeamStack` is the one implementation; `detoxflow serve team` (:func:`serve_team`) and the integration
+tests both use it, so what the tests prove is what a user runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from detoxflow.net import http_get
+from detoxflow.paths import PROJECT_ROOT
+from detoxflow.team.postgres import DATABASES, DB_USER, PostgresServer
+from detoxflow.team.prefect_admin import DEFAULT_POOLS, ensure_pools, prefect_api
+from detoxflow.team.processes import (
+    ManagedProcess,
+    TeamError,
+    console_script,
+    free_port,
+    port_in_use,
+    run_command,
+    wait_until,
+)
+
+log = logging.getLogger("detoxflow.team")  # one logger name for the whole team stack
+
+# Two shared cores: importing mlflow or prefect alone can take 5-10 s there, a cold server start several times that.
+START_TIMEOUT_S = 180.0
+WORKER_STOP_GRACE_S = 4.0
+
+
+@dataclass(frozen=True)
+class TeamPorts:
+    postgres: int = 55432
+    mlflow: int = 5000
+    prefect: int = 4200
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TeamPorts:
+        e = os.environ if environ is None else environ
+        d = cls()
+        return cls(
+            postgres=int(e.get("DETOXFLOW_POSTGRES_PORT", d.postgres)),
+            mlflow=int(e.get("DETOXFLOW_MLFLOW_PORT", d.mlflow)),
+            prefect=int(e.get("DETOXFLOW_PREFECT_PORT", d.prefect)),
+        )
+
+    @classmethod
+    def free(cls, host: str = "127.0.0.1") -> TeamPorts:
+        return cls(postgres=free_port(host), mlflow=free_port(host), prefect=free_port(host))
+
+
+class TeamStack:
+    """PostgreSQL + MLflow server + Prefect server + one worker per pool, under `root`.
+
+    Use as a context manager: entering starts everything (in dependency order), leaving stops everything
+    (workers, Prefect, MLflow, then PostgreSQL). State (database, artifacts, logs) stays in `root`, so a
+    second stack on the same root finds every run, model version and flow run again.
+
+    `env` is what a client needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, DETOXFLOW_LOCK_DB_URI."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str = "127.0.0.1",
+        ports: TeamPorts | None = None,
+        pools: Iterable[str] = DEFAULT_POOLS,
+        workers: bool = True,
+        ui: bool = True,
+        fsync: bool = True,
+        project_root: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        worker_query_seconds: float | None = None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.host = host
+        self.ports = ports or TeamPorts()
+        self.pools = tuple(pools)
+        self.with_workers = workers
+        self.ui = ui
+        self.project_root = project_root or PROJECT_ROOT
+        self.extra_env = dict(extra_env or {})
+        self.worker_query_seconds = worker_query_seconds
+        self.logs = self.root / "logs"
+        self.artifacts = self.root / "artifacts"
+        self.postgres = PostgresServer(
+            data_dir=self.root / "postgres", host=host, port=self.ports.postgres,
+            log_path=self.logs / "postgres.log", password_file=self.root / "postgres.password", fsync=fsync,
+        )
+        self.mlflow: ManagedProcess | None = None
+        self.prefect: ManagedProcess | None = None
+        self.workers: dict[str, ManagedProcess] = {}
+        self.timings: dict[str, float] = {}
+        self._new_databases: set[str] = set()
+
+    # -- addresses ------------------------------------------------------------------------------------------
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.ports.mlflow}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.ports.prefect}/api"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client (a shell, a worker, a test) exports to use this stack."""
+        return {
+            "PREFECT_API_URL": self.prefect_api_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            # The gate's pg_advisory_lock (detoxflow/locks.py) lives in the MLflow database.
+            "DETOXFLOW_LOCK_DB_URI": self.postgres.url("mlflow"),
+        }
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env.update({
+            "PREFECT_HOME": str(self.root / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.extra_env)
+        return env
+
+    # -- services -------------------------------------------------------------------------------------------
+    def start_postgres(self) -> None:
+        self.timings["postgres"] = self.postgres.start()
+        self._new_databases = {db for db in DATABASES if self.postgres.ensure_database(db)}
+
+    def _mlflow_schema_current(self) -> bool:
+        """Whether `mlflow db upgrade` can be skipped: the database is new (the server creates the schema) or
+        was last served by this very MLflow version. Saves ~8 s per start on two cores."""
+        import importlib.metadata
+
+        marker = self.root / "mlflow-schema.version"
+        if "mlflow" in self._new_databases:
+            return True
+        return marker.is_file() and marker.read_text().strip() == importlib.metadata.version("mlflow")
+
+    def _spawn_mlflow(self) -> None:
+        if port_in_use(self.host, self.ports.mlflow):
+            raise TeamError(f"MLflow: port {self.ports.mlflow} on {self.host} is taken: stop what listens there "
+                            "or set DETOXFLOW_MLFLOW_PORT")
+        url = self.postgres.url("mlflow", "psycopg2")
+        env = {**self._base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if not self._mlflow_schema_current():
+            # Migrates an existing database to the installed MLflow; the server refuses an outdated schema.
+            run_command([console_script("mlflow"), "db", "upgrade", url], "mlflow db upgrade", env=env)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        hosts = f"{self.host},{self.host}:{self.ports.mlflow},localhost,localhost:{self.ports.mlflow}"
+        self.mlflow = ManagedProcess(
+            "mlflow",
+            [console_script("mlflow"), "server", "--backend-store-uri", url, "--serve-artifacts",
+             "--artifacts-destination", self.artifacts.as_uri(), "--host", self.host, "--port", str(self.ports.mlflow),
+             "--workers", "1", "--allowed-hosts", hosts],
+            env, self.root, self.logs / "mlflow.log",
+        )
+        self.mlflow.start()
+
+    def _wait_mlflow(self) -> None:
+        import importlib.metadata
+
+        assert self.mlflow is not None
+        wait_until(lambda: http_get(f"{self.mlflow_url}/health")[0] == 200, "MLflow server", START_TIMEOUT_S, self.mlflow)
+        (self.root / "mlflow-schema.version").write_text(importlib.metadata.version("mlflow") + "\n")
+
+    def _spawn_prefect(self) -> None:
+        if port_in_use(self.host, self.ports.prefect):
+            raise TeamError(f"Prefect: port {self.ports.prefect} on {self.host} is taken: stop what listens there "
+                            "or set DETOXFLOW_PREFECT_PORT")
+        env = {
+            **self._base_env(),
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.postgres.url("prefect", "asyncpg"),
+            "PREFECT_UI_API_URL": self.prefect_api_url,
+        }
+        self.prefect = ManagedProcess(
+            "prefect-server",
+            [console_script("prefect"), "server", "start", "--host", self.host, "--port", str(self.ports.prefect),
+             "--ui" if self.ui else "--no-ui", "--analytics-off"],
+            env, self.root, self.logs / "prefect-server.log",
+        )
+        self.prefect.start()
+
+    def _wait_prefect(self) -> None:
+        assert self.prefect is not None
+        wait_until(lambda: http_get(f"{self.prefect_api_url}/health")[0] == 200, "Prefect server", START_TIMEOUT_S,
+                   self.prefect)
+
+    def start_mlflow(self) -> None:
+        t0 = time.monotonic()
+        self._spawn_mlflow()
+        self._wait_mlflow()
+        self.timings["mlflow"] = time.monotonic() - t0
+
+    def start_prefect(self) -> None:
+        t0 = time.monotonic()
+        self._spawn_prefect()
+        self._wait_prefect()
+        self.timings["prefect"] = time.monotonic() - t0
+
+    def start_servers(self) -> None:
+        """MLflow and Prefect need only PostgreSQL, so they start side by side."""
+        t0 = time.monotonic()
+        self._spawn_mlflow()
+        self._spawn_prefect()
+        self._wait_prefect()
+        self.timings["prefect"] = time.monotonic() - t0
+        self._wait_mlflow()
+        self.timings["mlflow"] = time.monotonic() - t0
+
+    def worker_env(self) -> dict[str, str]:
+        env = {**self._base_env(), **self.env}
+        # flow runs (and training ranks) share the cores: OpenMP threads that spin while waiting starve them
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if self.worker_query_seconds is not None:
+            env["PREFECT_WORKER_QUERY_SECONDS"] = str(self.worker_query_seconds)
+        return env
+
+    def start_workers(self) -> None:
+        t0 = time.monotonic()
+        ensure_pools(self.prefect_api_url, self.pools)
+        for pool in self.pools:
+            proc = ManagedProcess(
+                f"worker-{pool}",
+                [console_script("prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                 "--name", f"{pool}-{socket.gethostname()}-{self.ports.prefect}", "--install-policy", "never"],
+                {**self.worker_env(), "DETOXFLOW_POOL": pool}, self.project_root, self.logs / f"worker-{pool}.log",
+            )
+            proc.start()
+            self.workers[pool] = proc
+        # A restarted worker keeps its name, so only a heartbeat newer than this start counts as "up".
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        for pool, proc in self.workers.items():
+            wait_until(lambda p=pool: self.pool_has_online_worker(p, since), f"Prefect worker for pool '{pool}'",
+                       START_TIMEOUT_S, proc)
+        self.timings["workers"] = time.monotonic() - t0
+
+    def pool_has_online_worker(self, pool: str, since: datetime | None = None) -> bool:
+        status, body = prefect_api(self.prefect_api_url, "POST", f"work_pools/{pool}/workers/filter", {})
+        if status != 200 or not isinstance(body, list):
+            return False
+        for w in body:
+            beat = w.get("last_heartbeat_time")
+            if w.get("status") != "ONLINE" or not beat:
+                continue
+            if since is None or datetime.fromisoformat(beat.replace("Z", "+00:00")) >= since:
+                return True
+        return False
+
+    def stop_workers(self) -> None:
+        # In parallel and with a short grace: a worker that has run flows ignores SIGTERM (and often SIGINT),
+        # and holds no state of its own; flow runs it started die with its process group.
+        threads = [threading.Thread(target=proc.stop, kwargs={"grace": WORKER_STOP_GRACE_S})
+                   for proc in self.workers.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.workers.clear()
+
+    def stop_servers(self) -> None:
+        """Workers first (they would otherwise crash-loop against a missing API), then Prefect, then MLflow."""
+        self.stop_workers()
+        for proc in (self.prefect, self.mlflow):
+            if proc is not None:
+                proc.stop()
+        self.prefect = self.mlflow = None
+
+    def start(self) -> TeamStack:
+        t0 = time.monotonic()
+        try:
+            self.start_postgres()
+            self.start_servers()
+            if self.with_workers:
+                self.start_workers()
+            else:
+                ensure_pools(self.prefect_api_url, self.pools)
+        except BaseException:
+            try:
+                self.stop()
+            except Exception:  # noqa: BLE001 - the start failure is the error to report
+                log.exception("while stopping after a failed start")
+            raise
+        self.timings["total"] = time.monotonic() - t0
+        log.info("team stack up in %.1f s: %s", self.timings["total"],
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items() if k != "total"))
+        return self
+
+    def stop(self) -> None:
+        errors = []
+        try:
+            self.stop_servers()
+        except Exception as e:  # noqa: BLE001 - PostgreSQL must still be stopped
+            errors.append(e)
+        try:
+            self.postgres.stop()
+        except TeamError as e:
+            errors.append(e)
+        if errors:
+            raise TeamError("; ".join(str(e) for e in errors))
+
+    def restart_all(self) -> None:
+        """Stop every process including PostgreSQL, then start them all again on the same root."""
+        self.stop()
+        self.start()
+
+    def dead(self) -> list[ManagedProcess]:
+        procs = [p for p in (self.mlflow, self.prefect, *self.workers.values()) if p is not None]
+        return [p for p in procs if not p.alive()]
+
+    def __enter__(self) -> TeamStack:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _exports(env: Mapping[str, str]) -> str:
+    return "\n".join(f"export {k}='{v}'" for k, v in env.items())
+
+
+def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
+    """`detoxflow serve team`: start the stack under `root`, print URLs and exports, run until Ctrl-C."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    stack = TeamStack(Path(root), ports=ports or TeamPorts.from_env(), ui=True)
+
+    def _terminate(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # SIGTERM (systemd, kill) stops in the same order as Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with console.status("starting PostgreSQL, MLflow, Prefect and the workers (first start ~1 min)..."):
+            stack.start()
+        try:
+            console.print(f"[bold green]team stack up[/] in {stack.timings['total']:.0f} s (state in {stack.root})")
+            console.print(f"  Prefect UI/API  {stack.prefect_api_url.removesuffix('/api')}")
+            console.print(f"  MLflow          {stack.mlflow_url}")
+            console.print(f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (user {DB_USER}, password in "
+                          f"{stack.postgres.password_file})")
+            console.print(f"  workers         pools {', '.join(stack.pools)}; logs in {stack.logs}")
+            console.print("In another shell:")
+            console.print(_exports(stack.env), markup=False, highlight=False)
+            console.print("  detoxflow deploy   # pools + deployments of prefect.yaml;  detoxflow doctor   # check")
+            console.print("Ctrl-C stops everything.")
+            while True:
+                dead = stack.dead()
+                if dead:
+                    p = dead[0]
+                    raise TeamError(f"{p.name} exited (code {p.returncode}); last log lines ({p.log_path}):\n{p.tail()}")
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            console.print("stopping: workers, Prefect, MLflow, PostgreSQL...")
+        finally:
+            stack.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
