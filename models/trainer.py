@@ -33,7 +33,7 @@ from detoxflow.config import Config, KLConfig
 from detoxflow.models import distributed, monitors
 from detoxflow.models import ppo as P
 from detoxflow.models.policy import Policy
-from detoxflow.models.reward import Scorer, scorer_input
+from detoxflow.models.reward import Scorer, guarded_scores, scorer_input
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,6 @@ def ppo_step(
     result = scorer.score(scorer_input(batch_prompts, texts, cfg.reward.input))
     scores = result.scores.to(policy.device, torch.float32)
     _check_finite(scores, f"{where}: scores from scorer '{getattr(scorer, 'name', scorer)}'", fix, texts)
-    if pc.score_clip is not None:
-        scores = scores.clamp(-pc.score_clip, pc.score_clip)
 
     # 4. reference logprobs (one forward, adapter off); old logprobs + values came with the rollout
     ref_logprobs = policy.ref_logprobs(query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature)
@@ -200,12 +198,13 @@ def ppo_step(
     kl_k3 = P.kl_k3(old_logprobs, ref_logprobs) * mask
     kl = kl_k1 if pc.kl.estimator == "k1" else kl_k3
 
-    # 6. per-token rewards: -kl_coef * kl everywhere, score (minus the length guard) on the last real token
+    # 6. per-token rewards: -kl_coef * kl everywhere, the score (clipped to ±score_clip, minus the length guard)
+    #    on the last real token
     kl_coef = kl_ctl.value
     lengths = mask.sum(dim=1)
     ends_with_eos = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1) == policy.eos_token_id
-    missing = (gen.min_new_tokens - (lengths - ends_with_eos.long())).clamp(min=0)
-    reward_scores = scores - pc.length_penalty * missing.to(scores.dtype)
+    scores, missing, reward_scores = guarded_scores(scores, lengths - ends_with_eos.long(), pc.score_clip,
+                                                    pc.length_penalty, gen.min_new_tokens)
     rewards = P.per_token_rewards(reward_scores, kl, kl_coef, mask)
     if pc.whiten_rewards:
         rewards = P.masked_whiten(rewards, mask, shift_mean=False)

@@ -44,7 +44,7 @@ import torch
 from detoxflow.config import Config, ConfigError, PPOConfig
 from detoxflow.models import monitors
 from detoxflow.models.policy import Policy
-from detoxflow.models.reward import Scorer, scorer_input
+from detoxflow.models.reward import Scorer, guarded_scores, scorer_input
 from detoxflow.models.trainer import TrainingError, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -124,11 +124,6 @@ def plan_steps(ppo: PPOConfig) -> StepPlan:
 # ------------------------------------------------------------------------------------------------- reward
 
 
-def length_shortfall(lengths: torch.Tensor, min_new_tokens: int) -> torch.Tensor:
-    """``(B,)`` content tokens per completion (EOS excluded) -> ``(B,)`` tokens missing below ``min_new_tokens``."""
-    return (min_new_tokens - lengths).clamp(min=0)
-
-
 class ScorerReward:
     """A TRL reward function over our :class:`Scorer`: ``(prompts, completions, completion_ids) -> list[float]``.
 
@@ -159,14 +154,11 @@ class ScorerReward:
     ) -> list[float]:
         texts = [c.strip() for c in completions]
         result = self.scorer.score(scorer_input(list(prompts), texts, self.reward_input))
-        scores = result.scores.detach().float().cpu()
-        if self.score_clip is not None:
-            scores = scores.clamp(-self.score_clip, self.score_clip)
-        missing = torch.zeros_like(scores)
+        content = None
         if completion_ids is not None:
             content = torch.tensor([sum(1 for t in ids if int(t) not in self.eos_token_ids) for ids in completion_ids])
-            missing = length_shortfall(content, self.min_new_tokens).float()
-        rewards = scores - self.length_penalty * missing
+        scores, missing, rewards = guarded_scores(result.scores.detach().float().cpu(), content, self.score_clip,
+                                                  self.length_penalty, self.min_new_tokens)
         if log_metric is not None:
             # the scores as our PPO trainer reports them (after the clip, before the length guard); TRL's own
             # "reward" is the guarded reward it optimises

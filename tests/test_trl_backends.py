@@ -12,12 +12,11 @@ import torch
 
 from detoxflow.config import Config, ConfigError, load_config
 from detoxflow.models.policy import Policy
-from detoxflow.models.reward import CallableScorer
+from detoxflow.models.reward import CallableScorer, length_shortfall
 from detoxflow.models.trainer import TrainResult
 from detoxflow.models.trl_backends import (
     ScorerReward,
     check_supported,
-    length_shortfall,
     map_trl_logs,
     plan_steps,
     rollout_step,
