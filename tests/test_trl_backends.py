@@ -1,5 +1,6 @@
-"""TRL 1.x RLOO / GRPO backends (models/trl_backends.py, models/trl_mapping.py): config mapping, log mapping, the reward wrapper, and
-short trainings on a tiny GPT-2 whose mean reward must rise; seq2seq policies are refused clearly."""
+"""TRL 1.x RLOO / GRPO backends (models/trl_backends.py, models/trl_mapping.py): config mapping, log mapping, the
+reward wrapper, and short trainings on a tiny GPT-2 whose mean reward must rise; seq2seq policies are refused
+clearly."""
 
 from __future__ import annotations
 
