@@ -117,13 +117,12 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def causal_mask(key_valid: torch.Tensor, t: int, start: int = 0) -> torch.Tensor:
-    """``key_valid (B, S) -> (B, 1, t, S)`` bool: query ``i`` (absolute position ``start + i``) attends to valid keys
-    at positions ``<= start + i``. A query with no such key (a left-pad position of a causal prompt) attends to
-    itself instead: its output is never read, but a fully masked row would put NaN into the keys and values later
-    positions mask out (0 * NaN is NaN)."""
+def causal_mask(key_valid: torch.Tensor, t: int) -> torch.Tensor:
+    """``key_valid (B, S) -> (B, 1, t, S)`` bool: query ``i`` attends to valid keys at positions ``<= i``. A query
+    with no such key (a left-pad position of a causal prompt) attends to itself instead: its output is never read,
+    but a fully masked row would put NaN into the keys and values later positions mask out (0 * NaN is NaN)."""
     s = key_valid.shape[1]
-    pos_q = torch.arange(start, start + t, device=key_valid.device)
+    pos_q = torch.arange(t, device=key_valid.device)
     pos_k = torch.arange(s, device=key_valid.device)
     allowed = (pos_k[None, :] <= pos_q[:, None])[None] & key_valid[:, None, :]
     empty = ~allowed.any(-1, keepdim=True)
