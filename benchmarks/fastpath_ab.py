@@ -1,4 +1,4 @@
-"""A/B of the functional forward (models/fastpath.py, ``model.fast_path: auto``) against the HF module path
+"""A/B of the functional forward (models/fastpath/, ``model.fast_path: auto``) against the HF module path
 (``off``), in one process: the policy's three passes timed per call, interleaved, CPU time (min of ``--reps``).
 
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 python benchmarks/fastpath_ab.py --arch t5 --size tiny

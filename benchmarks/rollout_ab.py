@@ -30,7 +30,7 @@ from ppo_throughput import BATCH, LORA_TARGETS, NEW_TOKENS, PROMPT, cache_root
 
 
 def variants(arch: str, size: str, models_dir: Path) -> dict[str, Callable[[], object]]:
-    import detoxflow.models.policy as policy_module
+    import detoxflow.models.sampling as sampling_module
     from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
     from detoxflow.models.policy import Policy
 
@@ -51,20 +51,20 @@ def variants(arch: str, size: str, models_dir: Path) -> dict[str, Callable[[], o
             return policy.model.generate(input_ids=q, attention_mask=qm, **hf_kwargs)
 
     def rollout_unmerged() -> object:
-        limit = policy_module.MERGE_LORA_MAX_BYTES
-        policy_module.MERGE_LORA_MAX_BYTES = -1
+        limit = sampling_module.MERGE_LORA_MAX_BYTES
+        sampling_module.MERGE_LORA_MAX_BYTES = -1
         try:
             return policy.rollout(q, qm, gen)
         finally:
-            policy_module.MERGE_LORA_MAX_BYTES = limit
+            sampling_module.MERGE_LORA_MAX_BYTES = limit
 
     def rollout_merged() -> object:
-        limit = policy_module.MERGE_LORA_MAX_BYTES
-        policy_module.MERGE_LORA_MAX_BYTES = 1 << 62
+        limit = sampling_module.MERGE_LORA_MAX_BYTES
+        sampling_module.MERGE_LORA_MAX_BYTES = 1 << 62
         try:
             return policy.rollout(q, qm, gen)
         finally:
-            policy_module.MERGE_LORA_MAX_BYTES = limit
+            sampling_module.MERGE_LORA_MAX_BYTES = limit
 
     return {"hf generate": hf_generate, "rollout, LoRA branches": rollout_unmerged,
             "rollout, LoRA merged": rollout_merged, "generate (no statistics)": lambda: policy.generate(q, qm, gen)}

@@ -80,24 +80,6 @@ class _Unusable(Exception):
     """A metric a rule needs is missing or not finite: the rule blocks with this message."""
 
 
-def train_summary(history: Sequence[Mapping[str, float]], tail: float = 0.25) -> dict[str, float]:
-    """The training figures the gate reads, from the trainer's history (one metric dict per PPO step).
-
-    ``train/kl_mean`` is the mean ``objective/kl`` (nats per sequence) over the last ``tail`` share of the steps
-    (at least one): the KL of the policy that is being promoted, smoothed over a few batches, not diluted by
-    the early steps where KL is still near 0. Also ``train/kl_last``, ``train/kl_coef_last``, ``train/steps``.
-    """
-    kls = [float(h["objective/kl"]) for h in history if "objective/kl" in h]
-    if not kls:
-        raise PromotionError("train_summary: the training history has no objective/kl; train at least one PPO step")
-    n = max(1, math.ceil(tail * len(kls)))
-    out = {"train/kl_mean": sum(kls[-n:]) / n, "train/kl_last": kls[-1], "train/steps": float(len(history))}
-    coefs = [float(h["objective/kl_coef"]) for h in history if "objective/kl_coef" in h]
-    if coefs:
-        out["train/kl_coef_last"] = coefs[-1]
-    return out
-
-
 def _pct(x: float) -> str:
     return f"{x:+.1%}"
 

@@ -1,10 +1,12 @@
 """PEFT-PPO training loop: rollout -> score -> KL-penalised rewards -> GAE -> PPO epochs -> KL control.
 
-:func:`train` reads top to bottom in the order of the algorithm (design.md section 4); the math lives in
-:mod:`detoxflow.models.ppo`, the model in :mod:`detoxflow.models.policy`. The trainer never imports a tracker:
-it calls ``log(metrics, step)`` once per step. Checkpoints (adapter, value head, optimizer, scheduler, KL
-controller, RNG states, history) are written atomically to ``out_dir/checkpoints/step-<n>`` and a later call
-resumes from the newest one and reaches the same weights an uninterrupted run would.
+:func:`train` reads top to bottom in the order of the algorithm, one PPO step being the numbered steps of
+:func:`ppo_step` (1. sample prompts, 2. generate, 3. score, 4. reference logprobs, 5. per-token KL, 6. rewards,
+7. GAE advantages, 8. PPO epochs, 9. KL control, 10. metrics); the math lives in :mod:`detoxflow.models.ppo`,
+the model in :mod:`detoxflow.models.policy`. The trainer never imports a tracker: it calls
+``log(metrics, step)`` once per step. Checkpoints (adapter, value head, optimizer, scheduler, KL controller, RNG
+states, history) are written atomically to ``out_dir/checkpoints/step-<n>`` (:mod:`detoxflow.models.checkpoint`)
+and a later call resumes from the newest one and reaches the same weights an uninterrupted run would.
 
 Units of the logged metrics: ``objective/kl`` and ``objective/kl_k3`` are nats per sequence (summed over the
 response, batch mean), the unit of ``ppo.kl.target``; ``objective/entropy`` is nats per token; lengths are tokens.
@@ -13,7 +15,6 @@ response, batch mean), the unit of ``ppo.kl.target``; ``objective/entropy`` is n
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -25,25 +26,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from detoxflow.atomic import atomic_dir
 from detoxflow.config import Config, KLConfig
 from detoxflow.models import distributed, monitors
 from detoxflow.models import ppo as P
+from detoxflow.models.checkpoint import (
+    TrainingError,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    run_fingerprint,
+    save_checkpoint,
+)
 from detoxflow.models.policy import Policy
-from detoxflow.models.reward import Scorer, scorer_input
+from detoxflow.models.reward import Scorer, guarded_scores, scorer_input
 
 logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
-CHECKPOINT_FILE = "state.pt"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite numbers, a checkpoint that does not fit); the message says what to do."""
-
+# TrainingError (raised here and by the checkpoints) is defined in models/checkpoint.py; import it from either
 
 @dataclass
 class TrainResult:
@@ -110,7 +114,7 @@ def train(
             log(metrics, step)
         if step % pc.checkpoint_every == 0 or step == pc.steps:
             # every rank's RNG state goes into rank 0's checkpoint, so a resumed rank goes on sampling its own way
-            rng_states = dist.gather_object(_rng_state()) if dist.enabled else None
+            rng_states = dist.gather_object(rng_state()) if dist.enabled else None
             if dist.is_main:
                 latest = save_checkpoint(ckpt_root, step, policy, optimizer, scheduler, kl_ctl, history, fingerprint,
                                          pc.keep_checkpoints, rng_states=rng_states)
@@ -184,8 +188,6 @@ def ppo_step(
     result = scorer.score(scorer_input(batch_prompts, texts, cfg.reward.input))
     scores = result.scores.to(policy.device, torch.float32)
     _check_finite(scores, f"{where}: scores from scorer '{getattr(scorer, 'name', scorer)}'", fix, texts)
-    if pc.score_clip is not None:
-        scores = scores.clamp(-pc.score_clip, pc.score_clip)
 
     # 4. reference logprobs (one forward, adapter off); old logprobs + values came with the rollout
     ref_logprobs = policy.ref_logprobs(query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature)
@@ -200,12 +202,13 @@ def ppo_step(
     kl_k3 = P.kl_k3(old_logprobs, ref_logprobs) * mask
     kl = kl_k1 if pc.kl.estimator == "k1" else kl_k3
 
-    # 6. per-token rewards: -kl_coef * kl everywhere, score (minus the length guard) on the last real token
+    # 6. per-token rewards: -kl_coef * kl everywhere, the score (clipped to ±score_clip, minus the length guard)
+    #    on the last real token
     kl_coef = kl_ctl.value
     lengths = mask.sum(dim=1)
     ends_with_eos = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1) == policy.eos_token_id
-    missing = (gen.min_new_tokens - (lengths - ends_with_eos.long())).clamp(min=0)
-    reward_scores = scores - pc.length_penalty * missing.to(scores.dtype)
+    scores, missing, reward_scores = guarded_scores(scores, lengths - ends_with_eos.long(), pc.score_clip,
+                                                    pc.length_penalty, gen.min_new_tokens)
     rewards = P.per_token_rewards(reward_scores, kl, kl_coef, mask)
     if pc.whiten_rewards:
         rewards = P.masked_whiten(rewards, mask, shift_mean=False)
@@ -392,124 +395,4 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, to
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:  # numpy is optional for the trainer itself
-        pass
-
-
-def run_fingerprint(cfg: Config, prompts: Sequence[str], world_size: int = 1) -> str:
-    """What a checkpoint must agree with to be resumed: model, adapter, reward, sampling, PPO settings, prompts,
-    and the number of processes (it sets the global batch). Step count and checkpoint cadence may change
-    between runs (to extend a run)."""
-    dump = cfg.model_dump(mode="json")
-    ppo = {k: v for k, v in dump["ppo"].items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
-    payload = {s: dump[s] for s in ("model", "lora", "reward", "generation")} | {"ppo": ppo, "seed": cfg.seed}
-    if world_size > 1:  # absent for one process, so single-process checkpoints keep their fingerprint
-        payload["world_size"] = world_size
-    h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
-    for p in prompts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached)
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (temporary folders are never complete)."""
-    if not root.is_dir():
-        return None
-    found = [(int(p.name.split("-", 1)[1]), p) for p in root.iterdir()
-             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / CHECKPOINT_FILE).is_file()]
-    return max(found)[1] if found else None
-
-
-def save_checkpoint(
-    root: Path,
-    step: int,
-    policy: Policy,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    kl_ctl: P.AdaptiveKLController | P.FixedKLController,
-    history: list[dict[str, float]],
-    fingerprint: str,
-    keep: int,
-    rng_states: list[dict[str, Any]] | None = None,
-) -> Path:
-    """Write ``root/step-<step>`` atomically (temp folder + rename), then drop all but the ``keep`` newest."""
-    root.mkdir(parents=True, exist_ok=True)
-    dest = root / f"step-{step}"
-    with atomic_dir(dest) as tmp:
-        state = {
-            "step": step,
-            "fingerprint": fingerprint,
-            "trainable": policy.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "kl_controller": kl_ctl.state_dict(),
-            "rng": _rng_state(),
-            "history": history,
-        }
-        if rng_states is not None:
-            state["rng_ranks"] = rng_states
-        torch.save(state, tmp / CHECKPOINT_FILE)
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "metrics": history[-1] if history else {}}, indent=2))
-    steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name[:5] == "step-" and p.name[5:].isdigit())
-    for _, old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    logger.info("checkpoint %s", dest)
-    return dest
-
-
-def load_checkpoint(
-    path: Path,
-    policy: Policy,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    kl_ctl: P.AdaptiveKLController | P.FixedKLController,
-    fingerprint: str,
-    rank: int = 0,
-) -> tuple[int, list[dict[str, float]]]:
-    """Restore everything :func:`save_checkpoint` wrote; returns (step, history)."""
-    state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        raise TrainingError(
-            f"{path}: this checkpoint was written with other model/lora/reward/generation/ppo settings or prompts; "
-            f"resume with the same config, or start over with resume=False or a new output folder"
-        )
-    policy.load_trainable_state_dict(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    kl_ctl.load_state_dict(state["kl_controller"])
-    _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"])
-    return int(state["step"]), list(state["history"])
+    np.random.seed(seed % (2**32))

@@ -21,7 +21,8 @@ import torch
 
 from detoxflow.config import load_config
 from detoxflow.models import distributed
-from detoxflow.models.trainer import batch_indices, run_fingerprint
+from detoxflow.models.checkpoint import run_fingerprint
+from detoxflow.models.trainer import batch_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 

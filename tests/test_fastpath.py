@@ -1,4 +1,4 @@
-"""Golden tests of the functional forward (models/fastpath.py) against the HF module path it replaces.
+"""Golden tests of the functional forward (models/fastpath/) against the HF module path it replaces.
 
 One policy per test; ``policy.fast = None`` switches the same object (same parameters) to the HF path, so logits,
 hidden states and gradients compare directly. The LoRA adapter gets a non-zero B (``randomise_lora``), so the

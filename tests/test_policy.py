@@ -145,7 +145,7 @@ def test_rollout_statistics_equal_the_full_forward(tiny_models, arch: str, gen: 
 def test_rollout_merges_lora_only_under_the_size_limit(tiny_models, arch: str, monkeypatch) -> None:
     """Sampling with the LoRA merged (tiny weights) and with the LoRA branches (over the copy limit) draw the same
     tokens from the same seed and agree on the statistics; the merge really swaps weights while it lasts."""
-    import detoxflow.models.policy as policy_module
+    import detoxflow.models.sampling as sampling_module
 
     policy = load(tiny_models, arch, fast_path="off")  # the check below hooks the HF modules
     randomise_lora(policy, trained_like=True)
@@ -159,7 +159,7 @@ def test_rollout_merges_lora_only_under_the_size_limit(tiny_models, arch: str, m
         merged = policy.rollout(q, qm, gen)
         assert seen and not any(seen)  # a merged copy was in place while sampling
         seen.clear()
-        monkeypatch.setattr(policy_module, "MERGE_LORA_MAX_BYTES", 0)
+        monkeypatch.setattr(sampling_module, "MERGE_LORA_MAX_BYTES", 0)
         plain = policy.rollout(q, qm, gen)
         assert seen and all(seen)
     finally:

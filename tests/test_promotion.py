@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from detoxflow.config import PromotionConfig
-from detoxflow.models.promotion import Decision, PromotionError, decide, train_summary
+from detoxflow.models.promotion import Decision, PromotionError, decide
 
 BASELINE = {"split_digest": "abc", "eval/toxicity_mean": 0.10, "eval/rouge_l": 0.30, "eval/length_mean": 20.0}
 CHAMPION = {"split_digest": "abc", "eval/toxicity_mean": 0.07, "eval/rouge_l": 0.29, "eval/length_mean": 21.0, "train/kl_mean": 3.0}
@@ -88,14 +88,3 @@ def test_different_split_digests_refuse_to_decide():
         decide(GOOD, None, {k: v for k, v in BASELINE.items() if k != "split_digest"}, RULES, 6.0)
     with pytest.raises(PromotionError, match="settings_digest differs.*generation or scoring settings"):
         decide(dict(GOOD, settings_digest="s1"), None, dict(BASELINE, settings_digest="s2"), RULES, 6.0)
-
-
-def test_train_summary_reads_the_kl_of_the_last_quarter():
-    history = [{"objective/kl": float(k), "objective/kl_coef": 0.1 * k} for k in range(1, 9)]  # 8 steps
-    out = train_summary(history)
-    assert out == {"train/kl_mean": pytest.approx((7 + 8) / 2), "train/kl_last": 8.0, "train/steps": 8.0,
-                   "train/kl_coef_last": pytest.approx(0.8)}
-    assert train_summary(history[:1])["train/kl_mean"] == 1.0
-    assert train_summary(history, tail=1.0)["train/kl_mean"] == pytest.approx(4.5)
-    with pytest.raises(PromotionError, match="no objective/kl"):
-        train_summary([{"objective/scores": 1.0}])

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from detoxflow.config import Config, load_config
+from detoxflow.models.checkpoint import latest_checkpoint
 from detoxflow.models.policy import Policy
 from detoxflow.models.reward import ScoreResult
-from detoxflow.models.trainer import TrainingError, batch_indices, latest_checkpoint, train
+from detoxflow.models.trainer import TrainingError, batch_indices, train
 
 ARCHS = ["t5", "gpt2"]
 PROMPTS = [f"person one says the order {i} arrived late and the manager {w}" for i, w in

@@ -1,5 +1,6 @@
-"""TRL 1.x RLOO / GRPO backends (models/trl_backends.py): config mapping, log mapping, the reward wrapper, and
-short trainings on a tiny GPT-2 whose mean reward must rise; seq2seq policies are refused clearly."""
+"""TRL 1.x RLOO / GRPO backends (models/trl_backends.py, models/trl_mapping.py): config mapping, log mapping, the
+reward wrapper, and short trainings on a tiny GPT-2 whose mean reward must rise; seq2seq policies are refused
+clearly."""
 
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import torch
 
 from detoxflow.config import Config, ConfigError, load_config
 from detoxflow.models.policy import Policy
-from detoxflow.models.reward import CallableScorer
+from detoxflow.models.reward import CallableScorer, length_shortfall
 from detoxflow.models.trainer import TrainResult
 from detoxflow.models.trl_backends import (
     ScorerReward,
     check_supported,
-    length_shortfall,
     map_trl_logs,
     plan_steps,
     rollout_step,
