@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from detoxflow import tracking
+from detoxflow import atomic, tracking
 from detoxflow.config import Config
 from detoxflow.models import plots
 from detoxflow.models.evaluate import EvalResult, compare, evaluate, samples_table
@@ -25,14 +25,14 @@ from detoxflow.models.policy import Policy
 from detoxflow.models.reward import build_scorer
 from detoxflow.paths import work_dir
 from detoxflow.tasks.caching import baseline_key
-from detoxflow.tasks.data import _write_atomic, read_records
+from detoxflow.tasks.data import read_records
 from detoxflow.tasks.reporting import publish_samples
 
 logger = logging.getLogger(__name__)
 
 
 def save_result(result: EvalResult, path: Path) -> None:
-    _write_atomic(path, json.dumps(result.to_dict(), ensure_ascii=False, default=str))
+    atomic.write_text(path, json.dumps(result.to_dict(), ensure_ascii=False, default=str))
 
 
 def load_result(path: str | Path) -> EvalResult:
