@@ -424,7 +424,7 @@ def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list
     import torch
 
     torch.set_num_threads(threads)
-    from detoxflow.config import _set_dotted, config_from_dict, parse_override
+    from detoxflow.config import config_from_dict, parse_override, set_dotted
     from detoxflow.models.policy import Policy
     from detoxflow.models.reward import build_scorer
     from detoxflow.models.trainer import train
@@ -444,7 +444,7 @@ def worker(model_dir: Path, arch: str, steps: int, threads: int, overrides: list
     }
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     cfg = config_from_dict(data, "benchmark")
     policy = Policy.load(cfg.model, cfg.lora)
     scorer = build_scorer(cfg.reward)

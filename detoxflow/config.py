@@ -310,13 +310,18 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(d: dict[str, Any], dotted: str, value: Any, where: str | None = None) -> None:
+    """``d['ppo']['kl']['target'] = value`` for ``dotted='ppo.kl.target'``; unknown keys are left to the schema.
+
+    ``where`` starts the error message when a part of the path is a value, not a section (default
+    ``override '<dotted>'``)."""
     parts = dotted.split(".")
     cur = d
     for p in parts[:-1]:
         nxt = cur.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+            prefix = where if where is not None else f"override '{dotted}'"
+            raise ConfigError(f"{prefix}: '{p}' is a value, not a section")
         cur = nxt
     cur[parts[-1]] = value
 
@@ -364,7 +369,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return config_from_dict(data, origin)
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from detoxflow.net import redact_url
+from detoxflow.paths import tracking_uri, work_dir
 
 if TYPE_CHECKING:
     from detoxflow.config import Config
@@ -78,8 +79,6 @@ def sqlite_path(uri: str) -> Path | None:
 
 def lock_db_uri(cfg: Config) -> str | None:
     """The PostgreSQL database that hosts the advisory lock, or None when a file lock is used."""
-    from detoxflow.tracking import tracking_uri
-
     env = os.environ.get(LOCK_DB_ENV)
     if env:
         if not is_postgres_uri(env):
@@ -94,9 +93,6 @@ def lock_db_uri(cfg: Config) -> str | None:
 
 def lock_file_path(cfg: Config) -> Path:
     """Where the file lock lives: beside a SQLite store (shared by all its users), else in the work dir."""
-    from detoxflow.paths import work_dir
-    from detoxflow.tracking import tracking_uri
-
     uri = tracking_uri(cfg)
     safe = cfg.registered_model_name.replace("/", "_")
     db = sqlite_path(uri)

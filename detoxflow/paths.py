@@ -1,9 +1,13 @@
-"""Where things live on disk: the project root, the shipped corpus, the model cache, a run's work dir."""
+"""Where things live: the project root, the shipped corpus, the model cache, a run's work dir, the tracking store."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from detoxflow.config import Config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -26,3 +30,18 @@ def work_dir(configured: str | os.PathLike[str]) -> Path:
     path = Path(os.environ.get("DETOXFLOW_WORK_DIR", configured)).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def tracking_uri(cfg: Config | None = None) -> str:
+    """``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<work_dir>/mlflow.db``."""
+    if cfg is not None and cfg.tracking.uri:
+        return cfg.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg is None:
+        from detoxflow.config import Config
+
+        cfg = Config()
+    wd = work_dir(cfg.work_dir)
+    return f"sqlite:///{wd / 'mlflow.db'}"

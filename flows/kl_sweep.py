@@ -21,15 +21,12 @@ from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 
-from detoxflow import tracking
 from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
 from detoxflow.tasks.evaluation import evaluate_aligned
-from detoxflow.tasks.registry import gate_and_promote, register_model
-from detoxflow.tasks.reporting import artifact_key
-from detoxflow.tasks.stages import Stage
+from detoxflow.tasks.registry import champion_version, gate_and_promote, register_model
+from detoxflow.tasks.stages import Stage, flow_run_record
 from detoxflow.tasks.sweep import (
     STAGE_PREFIX,
     TAG_SWEEP,
@@ -42,7 +39,7 @@ from detoxflow.tasks.sweep import (
     seed_setting,
     sweep_headline,
 )
-from detoxflow.tasks.training import TAG_FLOW_RUN, train_ppo
+from detoxflow.tasks.training import train_ppo
 
 
 @flow(name="kl_sweep", description="Train at several KL settings; chart toxicity drop vs KL vs quality; gate each.")
@@ -57,12 +54,11 @@ def kl_sweep(cfg: Config, settings: list[dict[str, Any]] | None = None) -> dict[
     points = resolve_settings(cfg, settings)
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
-    experiment_id = tracking.setup(cfg)
-    tags = {TAG_FLOW_RUN: str(flow_run.id or ""), TAG_SWEEP: "kl_sweep"}
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, float]]] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
-    with tracking.parent_run(cfg, run_name=f"{cfg.name}-kl-sweep", tags=tags) as parent_id:
+    with flow_run_record(cfg, f"{cfg.name}-kl-sweep", tags={TAG_SWEEP: "kl_sweep"}) as rec:
+        parent_id = rec.run_id
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
         for i, point in enumerate(points, 1):
             log.info("KL sweep %d/%d: %s %s", i, len(points), point.label, point.overrides)
@@ -84,8 +80,7 @@ def kl_sweep(cfg: Config, settings: list[dict[str, Any]] | None = None) -> dict[
                 samples[label] = st.call(publish_setting_samples.with_options(task_run_name=f"samples{named}"),
                                          s_cfg, label, baseline, evaluation, run_id)
                 row = frontier_row(point, train, evaluation, gate, registered, run_id)
-                tracking.set_tags({"promotion.decision": gate["decision"], "detoxflow.model_version": registered["version"],
-                                   "detoxflow.alarms": str(row["n_alarms"])}, run_id=run_id)
+                st.tag_outcome(gate, registered["version"], {"detoxflow.alarms": str(row["n_alarms"])})
             rows.append(row)
             histories[label] = load_history(run_id)
             log.info("%s: KL %.2f, toxicity drop %s, %d alarm(s), %s", label, row["kl"] or 0.0,
@@ -94,24 +89,20 @@ def kl_sweep(cfg: Config, settings: list[dict[str, Any]] | None = None) -> dict[
 
         files = publish_frontier(cfg, rows, baseline, parent_id, histories, samples)
         timings["total"] = round(time.perf_counter() - t_start, 2)
-        tracking.log_metrics({f"time/{artifact_key(k)}_s": v for k, v in timings.items()}, run_id=parent_id)
-        name = cfg.registered_model_name
-        champion = tracking.get_alias(name, tracking.CHAMPION)
         result = {
             "config_name": cfg.name,
-            "registered_model": name,
+            "registered_model": cfg.registered_model_name,
             "baseline": baseline["metrics"],
             "settings": rows,
             "promoted": [r["label"] for r in rows if r["decision"] == "promoted"],
-            "champion": champion.version if champion else None,
+            "champion": champion_version(cfg),
             "files": files,
             "eval_digest": data["eval_digest"],
             "timings": timings,
             "cached": cached,
-            "mlflow": {"tracking_uri": tracking.tracking_uri(cfg), "experiment_id": experiment_id,
-                       "parent_run_id": parent_id},
+            "mlflow": rec.mlflow_info(),
             "headline": sweep_headline(rows),
         }
-        tracking.log_json(result, "sweep/summary.json", run_id=parent_id)
+        rec.record_outcome(result, "sweep/summary.json", timings)
     log.info("KL sweep done in %.0f s: %s", timings["total"], result["headline"])
     return result

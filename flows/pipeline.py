@@ -12,17 +12,15 @@ from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from prefect.runtime import flow_run
 
-from detoxflow import tracking
 from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
 from detoxflow.flows.train import train_flow
 from detoxflow.tasks.evaluation import evaluate_aligned
 from detoxflow.tasks.registry import gate_and_promote, register_model
 from detoxflow.tasks.reporting import build_summary, publish_summary
-from detoxflow.tasks.stages import Stage
-from detoxflow.tasks.training import TAG_FLOW_RUN, run_train_deployment
+from detoxflow.tasks.stages import Stage, flow_run_record
+from detoxflow.tasks.training import run_train_deployment
 
 
 @flow(name="pipeline", description="Detoxify a language model: baseline, PEFT-PPO, evaluation, promotion gate.")
@@ -32,9 +30,8 @@ def pipeline(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
-    experiment_id = tracking.setup(cfg)
-    tags = {TAG_FLOW_RUN: str(flow_run.id or "")}
-    with tracking.parent_run(cfg, run_name=cfg.name, tags=tags) as parent_id:
+    with flow_run_record(cfg, cfg.name) as rec:
+        parent_id = rec.run_id
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
 
         team = cfg.orchestration.mode == "team"
@@ -52,18 +49,15 @@ def pipeline(cfg: Config) -> dict[str, Any]:
 
         with Stage("gate", cfg, parent_id, timings, cached) as st:
             gate = st.call(gate_and_promote, cfg, registered["version"], evaluation, baseline, train, data)
-            outcome = {"promotion.decision": gate["decision"], "detoxflow.model_version": registered["version"]}
-            tracking.set_tags(outcome, run_id=st.run_id)
+            st.tag_outcome(gate, registered["version"])
 
         timings["total"] = round(time.perf_counter() - t_start, 2)
         summary = build_summary(
             cfg, data=data, baseline=baseline, train=train, evaluation=evaluation, registered=registered, gate=gate,
             timings=timings, cached=cached, mode="team" if team else "local",
-            mlflow_info={"tracking_uri": tracking.tracking_uri(cfg), "experiment_id": experiment_id,
-                         "parent_run_id": parent_id, "train_run_id": train["run_id"]},
+            mlflow_info=rec.mlflow_info(train_run_id=train["run_id"]),
         )
-        tracking.log_json(summary, "summary.json", run_id=parent_id)
-        tracking.log_metrics({f"time/{k}_s": v for k, v in timings.items()}, run_id=parent_id)
+        rec.record_outcome(summary, "summary.json", timings)
     publish_summary(summary, baseline["metrics"], evaluation["metrics"])
     log.info("%s", summary["headline"])
     return summary

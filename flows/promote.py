@@ -7,13 +7,12 @@ from typing import Any
 
 from prefect import flow
 
-from detoxflow import tracking
 from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
 from detoxflow.tasks.evaluation import evaluate_aligned
-from detoxflow.tasks.registry import gate_and_promote
-from detoxflow.tasks.stages import Stage
-from detoxflow.tasks.training import TAG_FLOW_RUN
+from detoxflow.tasks.registry import gate_and_promote, version_to_gate
+from detoxflow.tasks.reporting import toxicity_outcome
+from detoxflow.tasks.stages import Stage, flow_run_record
 
 
 @flow(name="promote", description="Evaluate a registered version (models:/NAME/VERSION or @alias) and gate it.")
@@ -22,34 +21,27 @@ def promote_flow(cfg: Config, model_uri: str) -> dict[str, Any]:
 
     The version's KL (``train/*``) comes from its registration tags; toxicity and quality are measured now,
     with the config's prompts and settings, so the comparison is like for like."""
-    from prefect.runtime import flow_run
-
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
-    tracking.setup(cfg)
-    name, version, _ = tracking.resolve_model_uri(model_uri)
-    if name != cfg.registered_model_name:
-        raise ValueError(
-            f"promote: {model_uri} is a version of '{name}' but the config gates '{cfg.registered_model_name}'. "
-            f"Pass --set tracking.registered_model={name} (or the matching config name)"
-        )
-    info = tracking.get_version(name, version)
-    train = {"summary": {k: v for k, v in info.metrics.items() if k.startswith("train/")}}
-    tags = {tracking.TAG_STAGE: "promote", "detoxflow.model_uri": info.uri, TAG_FLOW_RUN: str(flow_run.id or "")}
-    with tracking.parent_run(cfg, run_name=f"{cfg.name}-promote-v{version}", tags=tags) as parent_id:
+    registered, train = version_to_gate(cfg, model_uri)
+    version, uri = registered["version"], registered["uri"]
+    tags = {"detoxflow.model_uri": uri}
+    with flow_run_record(cfg, f"{cfg.name}-promote-v{version}", stage="promote", tags=tags) as rec:
+        parent_id = rec.run_id
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
         with Stage("evaluate", cfg, parent_id, timings, cached) as st:
-            evaluation = st.call(evaluate_aligned, cfg, data, info.uri, baseline, run_id=st.run_id)
+            evaluation = st.call(evaluate_aligned, cfg, data, uri, baseline, run_id=st.run_id)
         with Stage("gate", cfg, parent_id, timings, cached) as st:
             gate = st.call(gate_and_promote, cfg, version, evaluation, baseline, train, data)
     timings["total"] = round(time.perf_counter() - t0, 2)
+    tox = toxicity_outcome(evaluation, baseline["metrics"])
     return {
         **gate,
-        "model_uri": info.uri,
-        "toxicity_before": baseline["metrics"].get("eval/toxicity_mean"),
-        "toxicity_after": evaluation["metrics"].get("eval/toxicity_mean"),
-        "alarms": evaluation["alarms"],
+        "model_uri": uri,
+        "toxicity_before": tox["toxicity_before"],
+        "toxicity_after": tox["toxicity_after"],
+        "alarms": tox["alarms"],
         "mlflow_run_id": parent_id,
         "timings": timings,
         "cached": cached,

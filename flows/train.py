@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.runtime import flow_run
 
-from detoxflow import tracking
 from detoxflow.config import Config
-from detoxflow.tasks.training import RESULT_ARTIFACT, TAG_FLOW_RUN, train_ppo
+from detoxflow.tasks.training import log_train_result, train_ppo, train_run
 
 
 @flow(name="train", description="PEFT-PPO training with a KL-penalised reward; logs to MLflow, returns the model URI.")
@@ -27,15 +25,8 @@ def train_flow(
     an unfinished one on retry), and its checkpoints are keyed by the pipeline run. Without it, training gets
     its own top-level run. ``expected_train_digest``: the digest the pipeline's ``prepare_data`` computed;
     a worker whose data differs fails instead of training on other prompts."""
-    tracking.setup(cfg)
-    prefect_run = str(flow_run.id) if flow_run.id else ""
-    tags = {TAG_FLOW_RUN: prefect_run}
-    if parent_run_id:
-        ctx = tracking.child_run("train", parent_run_id, cfg=cfg, tags=tags)
-    else:
-        ctx = tracking.parent_run(cfg, run_name=f"{cfg.name}-train", tags={tracking.TAG_STAGE: "train", **tags})
-    with ctx as run_id:
+    with train_run(cfg, parent_run_id) as run_id:
         result = train_ppo(cfg, run_id, parent_run_id or run_id, expected_train_digest)
         # Team mode: the pipeline on another machine reads this back (Prefect results may not be shared).
-        tracking.log_json(result, RESULT_ARTIFACT, run_id=run_id)
+        log_train_result(result, run_id)
     return result

@@ -1,6 +1,6 @@
 """``register_model`` and ``gate_and_promote``: the MLflow registry side of the pipeline.
 
-The gate holds :func:`detoxflow.locks.gate_lock` while it reads the champion, decides and moves the alias:
+The gate holds :func:`detoxflow.tracking.gate_lock` (:func:`detoxflow.locks.gate_lock`) while it reads the champion, decides and moves the alias:
 MLflow aliases have no compare-and-set, and two gates interleaving would let the worse model win.
 """
 
@@ -15,7 +15,6 @@ from prefect.logging import get_run_logger
 
 from detoxflow import tracking
 from detoxflow.config import Config
-from detoxflow.locks import gate_lock
 from detoxflow.models.evaluate import evaluate
 from detoxflow.models.promotion import decide
 from detoxflow.models.reward import build_scorer
@@ -51,6 +50,28 @@ def register_model(cfg: Config, run_id: str, evaluation: dict[str, Any], train: 
         )
     get_run_logger().info("registered %s version %s (alias challenger)", name, version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+def version_to_gate(cfg: Config, model_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The registered version ``model_uri`` names (``models:/NAME/VERSION`` or ``@alias``), for the promote flow:
+    ``({"name", "version", "uri"}, {"summary": its train/* metrics})``, the second in the shape the gate reads
+    as ``train``. Raises ValueError when it is a version of another model than the config gates."""
+    tracking.setup(cfg)
+    name, version, _ = tracking.resolve_model_uri(model_uri)
+    if name != cfg.registered_model_name:
+        raise ValueError(
+            f"promote: {model_uri} is a version of '{name}' but the config gates '{cfg.registered_model_name}'. "
+            f"Pass --set tracking.registered_model={name} (or the matching config name)"
+        )
+    info = tracking.get_version(name, version)
+    train = {"summary": {k: v for k, v in info.metrics.items() if k.startswith("train/")}}
+    return {"name": name, "version": version, "uri": info.uri}, train
+
+
+def champion_version(cfg: Config) -> str | None:
+    """The version the ``champion`` alias of the config's registered model points at, or None."""
+    champion = tracking.get_alias(cfg.registered_model_name, tracking.CHAMPION)
+    return champion.version if champion else None
 
 
 def champion_metrics(
@@ -104,7 +125,7 @@ def gate_and_promote(
     name = cfg.registered_model_name
     challenger = gate_metrics(evaluation, train)
     base = gate_metrics(baseline)
-    with gate_lock(cfg):
+    with tracking.gate_lock(cfg):
         champion = tracking.get_alias(name, tracking.CHAMPION)
         before = champion.version if champion else None
         if champion is not None and champion.version == str(version):

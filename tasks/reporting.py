@@ -73,6 +73,25 @@ SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
+def toxicity_outcome(evaluation: Mapping[str, Any], baseline_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What every flow result reports about an evaluated model: toxicity before and after, the relative change
+    with its 95% CI, and the alarms raised.
+
+    "Before" is ``baseline_metrics``' mean toxicity, else the one ``evaluation``'s comparison recorded."""
+    comp: Mapping[str, Any] = evaluation.get("comparison") or {}
+    before = (baseline_metrics.get("eval/toxicity_mean") if baseline_metrics is not None
+              else comp.get("eval/toxicity_before"))
+    return {
+        "toxicity_before": before,
+        "toxicity_after": evaluation["metrics"].get("eval/toxicity_mean"),
+        "relative_change": comp.get("eval/toxicity_rel_change"),
+        "relative_change_ci": [
+            comp.get("eval/toxicity_rel_change_ci_low"), comp.get("eval/toxicity_rel_change_ci_high")
+        ],
+        "alarms": list(evaluation.get("alarms") or []),
+    }
+
+
 def build_summary(
     cfg: Config,
     *,
@@ -88,23 +107,19 @@ def build_summary(
     mlflow_info: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The pipeline's return value: what a user (and ``detoxflow run``) needs, all JSON-serialisable."""
-    comp: Mapping[str, float] = evaluation.get("comparison") or {}
     before, after = baseline["metrics"], evaluation["metrics"]
+    tox = toxicity_outcome(evaluation, before)
+    alarms = tox.pop("alarms")
     summary: dict[str, Any] = {
         "config_name": cfg.name,
         "mode": mode,
-        "toxicity_before": before.get("eval/toxicity_mean"),
-        "toxicity_after": after.get("eval/toxicity_mean"),
-        "relative_change": comp.get("eval/toxicity_rel_change"),
-        "relative_change_ci": [
-            comp.get("eval/toxicity_rel_change_ci_low"), comp.get("eval/toxicity_rel_change_ci_high")
-        ],
+        **tox,
         "rouge_l_before": before.get("eval/rouge_l"),
         "rouge_l_after": after.get("eval/rouge_l"),
         "kl": (train.get("summary") or {}).get("train/kl_mean"),
         "decision": gate["decision"],
         "reasons": list(gate["reasons"]),
-        "alarms": list(evaluation.get("alarms") or []),
+        "alarms": alarms,
         "registered_model": registered["name"],
         "version": registered["version"],
         "model_uri": registered["uri"],

@@ -1,8 +1,11 @@
-"""One pipeline stage: an MLflow child run, a wall-clock timing, and the task's Prefect state (cached or not).
+"""A flow's MLflow record: its parent run (:func:`flow_run_record`) and one pipeline stage (:class:`Stage`):
+an MLflow child run, a wall-clock timing, and the task's Prefect state (cached or not).
 
-Flows wrap each task call in ``with Stage(...) as st: value = st.call(task, ...)``. The task is called with
-``return_state=True`` so the flow sees whether Prefect served it from the cache (state name ``Cached``); a
-failed task raises its exception here, which fails the flow run (nothing after it runs, nothing registers).
+Flows do not call :mod:`detoxflow.tracking`: they open ``with flow_run_record(cfg, name) as rec:``, wrap each
+task call in ``with Stage(...) as st: value = st.call(task, ...)`` and hand their outcome to ``rec`` and ``st``.
+The task is called with ``return_state=True`` so the flow sees whether Prefect served it from the cache (state
+name ``Cached``); a failed task raises its exception here, which fails the flow run (nothing after it runs,
+nothing registers).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -19,8 +23,50 @@ from prefect.logging import get_run_logger
 
 from detoxflow import tracking
 from detoxflow.config import Config
+from detoxflow.tasks.reporting import artifact_key
 
 logger = logging.getLogger(__name__)
+
+TAG_FLOW_RUN = "detoxflow.prefect_flow_run_id"  # on a flow's MLflow run: the Prefect flow run it belongs to
+
+
+def prefect_flow_run_id() -> str:
+    """The id of the Prefect flow run this code runs in, or "" outside one."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+@dataclass(frozen=True)
+class FlowRunRecord:
+    """The flow's MLflow parent run as the flow sees it: its ids, and where its outcome goes."""
+
+    cfg: Config
+    run_id: str
+    experiment_id: str
+
+    def mlflow_info(self, **extra: str) -> dict[str, str]:
+        """Where the run lives, for the flow's result: tracking URI, experiment and parent run ids (+ ``extra``)."""
+        return {"tracking_uri": tracking.tracking_uri(self.cfg), "experiment_id": self.experiment_id,
+                "parent_run_id": self.run_id, **extra}
+
+    def record_outcome(self, result: Mapping[str, Any], artifact_file: str, timings: Mapping[str, float]) -> None:
+        """The flow's result as the JSON artifact ``artifact_file`` and the stage timings as ``time/<stage>_s``."""
+        tracking.log_json(result, artifact_file, run_id=self.run_id)
+        tracking.log_metrics({f"time/{artifact_key(k)}_s": v for k, v in timings.items()}, run_id=self.run_id)
+
+
+@contextlib.contextmanager
+def flow_run_record(
+    cfg: Config, run_name: str, *, stage: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[FlowRunRecord]:
+    """The flow's MLflow parent run (config params, lineage tags, this Prefect flow run's id, ``tags``), as a
+    :class:`FlowRunRecord`. ``stage``: the flow's stage tag when the run is a flow of its own (evaluate,
+    promote). The run ends FINISHED, or FAILED when the flow raises."""
+    experiment_id = tracking.setup(cfg)
+    all_tags = {**({tracking.TAG_STAGE: stage} if stage else {}), **(tags or {}), TAG_FLOW_RUN: prefect_flow_run_id()}
+    with tracking.parent_run(cfg, run_name=run_name, tags=all_tags) as run_id:
+        yield FlowRunRecord(cfg, run_id, experiment_id)
 
 
 class Stage:
@@ -72,6 +118,11 @@ class Stage:
             self._stack.__exit__(exc_type, exc, tb)
         status = "failed" if exc is not None else ("cache hit" if self.was_cached else "done")
         get_run_logger().info("stage %s: %s in %.1f s", self.name, status, seconds)
+
+    def tag_outcome(self, gate: Mapping[str, Any], version: str, extra: Mapping[str, str] | None = None) -> None:
+        """Tag the stage's run with the gate's decision, the version it gated and ``extra`` tags."""
+        tags = {"promotion.decision": gate["decision"], "detoxflow.model_version": version, **(extra or {})}
+        tracking.set_tags(tags, run_id=self.run_id)
 
     def call(
         self,

@@ -18,26 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from mlflow.entities import Param
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from detoxflow import tracking
-from detoxflow.config import Config, ConfigError, config_from_dict, dump_yaml
+from detoxflow.config import Config, ConfigError, config_from_dict, set_dotted
 from detoxflow.models import plots
 from detoxflow.models.evaluate import samples_table
 from detoxflow.paths import work_dir
 from detoxflow.tasks.evaluation import load_result
-from detoxflow.tasks.reporting import artifact_key
+from detoxflow.tasks.reporting import artifact_key, toxicity_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -136,23 +133,11 @@ def resolve_settings(cfg: Config, settings: Sequence[Mapping[str, Any]] | None =
             )
         data = json.loads(json.dumps(base))
         for key, value in overrides.items():
-            _set_dotted(data, key, value, label)
+            set_dotted(data, key, value, where=f"kl_sweep setting '{label}': '{key}'")
         # one gate for all settings: an adaptive setting with a low target must not get a stricter KL bound
         data["promotion"]["max_kl"] = max_kl
         out.append(SweepSetting(label, overrides, config_from_dict(data, origin=f"kl_sweep setting '{label}'")))
     return out
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any, label: str) -> None:
-    """``data['ppo']['kl']['target'] = value`` for ``dotted='ppo.kl.target'``; unknown keys are left to the schema."""
-    *parents, leaf = dotted.split(".")
-    cur = data
-    for part in parents:
-        nxt = cur.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"kl_sweep setting '{label}': '{dotted}': '{part}' is a value, not a section")
-        cur = nxt
-    cur[leaf] = value
 
 
 def seed_setting(cfg: Config) -> None:
@@ -185,17 +170,20 @@ def frontier_row(
     """One row of the frontier: the setting, what it bought (toxicity drop), what it cost (KL, quality,
     monitors), and the gate's verdict. ``status`` is 'promoted', 'alarmed' (rejected with alarms) or 'rejected'."""
     m = evaluation["metrics"]
-    comp = evaluation.get("comparison") or {}
+    tox = toxicity_outcome(evaluation)
     summary = train.get("summary") or {}
     kl_cfg = setting.cfg.ppo.kl
-    alarms = list(evaluation.get("alarms") or [])
+    alarms = tox["alarms"]
     status = "promoted" if gate["promote"] else ("alarmed" if alarms else "rejected")
 
-    def num(d: Mapping[str, Any], key: str) -> float | None:
-        v = d.get(key)
+    def finite(v: Any) -> float | None:
         return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
 
-    rel = num(comp, "eval/toxicity_rel_change")
+    def num(d: Mapping[str, Any], key: str) -> float | None:
+        return finite(d.get(key))
+
+    rel = finite(tox["relative_change"])
+    ci_low, ci_high = (finite(x) for x in tox["relative_change_ci"])
     return {
         "label": setting.label,
         "overrides": dict(setting.overrides),
@@ -206,13 +194,10 @@ def frontier_row(
         "kl_coef_final": num(summary, "train/kl_coef"),
         "kl": num(summary, "train/kl_mean"),
         "steps": train.get("steps"),
-        "toxicity_before": num(comp, "eval/toxicity_before"),
-        "toxicity_after": num(m, "eval/toxicity_mean"),
+        "toxicity_before": finite(tox["toxicity_before"]),
+        "toxicity_after": finite(tox["toxicity_after"]),
         "toxicity_drop": None if rel is None else -rel,
-        "toxicity_drop_ci": [
-            None if (hi := num(comp, "eval/toxicity_rel_change_ci_high")) is None else -hi,
-            None if (lo := num(comp, "eval/toxicity_rel_change_ci_low")) is None else -lo,
-        ],
+        "toxicity_drop_ci": [None if ci_high is None else -ci_high, None if ci_low is None else -ci_low],
         "expected_max_toxicity": num(m, "eval/expected_max_toxicity"),
         "rouge_l": num(m, "eval/rouge_l"),
         "ref_perplexity": num(m, "eval/ref_perplexity"),
@@ -307,27 +292,13 @@ def log_setting(setting: SweepSetting, run_id: str) -> None:
     params = {f"sweep.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in setting.overrides.items()}
     params["sweep.label"] = setting.label
     params.update(tracking.config_params(setting.cfg))
-    cli = tracking.client()
-    existing = cli.get_run(run_id).data.params
-    todo = [Param(k, v) for k, v in params.items() if k not in existing]  # a resumed child run has them already
-    for i in range(0, len(todo), tracking.MAX_PARAMS_PER_BATCH):
-        cli.log_batch(run_id, params=todo[i : i + tracking.MAX_PARAMS_PER_BATCH], synchronous=True)
-    cli.log_text(run_id, dump_yaml(setting.cfg), "sweep/config.yaml")
+    tracking.log_params(params, run_id, strict=False)  # a resumed child run has them already
+    tracking.log_config(setting.cfg, "sweep/config.yaml", run_id=run_id)
 
 
 def load_history(run_id: str) -> list[dict[str, float]]:
     """The trainer's per-step history that ``train_ppo`` logged to run ``run_id`` (``train/history.json``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.client().download_artifacts(run_id, "train/history.json", tmp)
-        return list(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def _image_url(parent_run_id: str, artifact_path: str) -> str:
-    """A URL for a logged PNG: the MLflow server's artifact endpoint, or the artifact's file URI locally."""
-    uri = tracking.client().tracking_uri
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/get-artifact?path={quote(artifact_path)}&run_uuid={parent_run_id}"
-    return f"{tracking.client().get_run(parent_run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    return list(tracking.load_json(run_id, "train/history.json"))
 
 
 @task(name="publish_samples_table", cache_policy=NO_CACHE, persist_result=False)
@@ -398,7 +369,7 @@ def publish_frontier(
     create_markdown_artifact(markdown=md, key=f"{key}-report", description="KL sweep frontier with alarms and reasons")
     for name, path in files.items():
         if path.suffix == ".png":
-            create_image_artifact(image_url=_image_url(parent_run_id, f"plots/{path.name}"),
+            create_image_artifact(image_url=tracking.artifact_url(parent_run_id, f"plots/{path.name}"),
                                   key=artifact_key(key, name), description=f"KL sweep: {name.replace('_', ' ')}")
     log.info("KL sweep frontier written to %s and logged to MLflow run %s", out, parent_run_id)
     return {name: str(path) for name, path in files.items()}

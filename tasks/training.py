@@ -7,13 +7,14 @@ over. Deterministic failures (NaN, bad data, bad config) are not retried: they w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,11 @@ from detoxflow.models.policy import Policy, PolicyError
 from detoxflow.models.reward import RewardError, build_scorer
 from detoxflow.paths import PROJECT_ROOT, work_dir
 from detoxflow.tasks.reporting import TrainingProgress
+from detoxflow.tasks.stages import TAG_FLOW_RUN, prefect_flow_run_id
 
 logger = logging.getLogger(__name__)
 
 RESULT_ARTIFACT = "train/result.json"  # the train flow's return value, for a pipeline on another machine
-TAG_FLOW_RUN = "detoxflow.prefect_flow_run_id"
 ACCELERATE_CONFIG_ENV = "DETOXFLOW_ACCELERATE_CONFIG"  # an accelerate config file instead of infra/accelerate/ddp*.yaml
 
 # Failures that a retry would reproduce exactly: fail fast instead of training twice.
@@ -291,12 +292,33 @@ def _log_curves(history: list[dict[str, float]], out_dir: Path, kl_target: float
     tracking.log_file(png, "plots", run_id=run_id)
 
 
+@contextlib.contextmanager
+def train_run(cfg: Config, parent_run_id: str | None = None) -> Iterator[str]:
+    """The train flow's MLflow run, tagged with its Prefect flow run; yields the run id.
+
+    With ``parent_run_id`` (the pipeline's run) a ``train`` child run of it, resuming an unfinished one on
+    retry; without, a top-level run of its own tagged as the ``train`` stage."""
+    tracking.setup(cfg)
+    tags = {TAG_FLOW_RUN: prefect_flow_run_id()}
+    if parent_run_id:
+        ctx = tracking.child_run("train", parent_run_id, cfg=cfg, tags=tags)
+    else:
+        ctx = tracking.parent_run(cfg, run_name=f"{cfg.name}-train", tags={tracking.TAG_STAGE: "train", **tags})
+    with ctx as run_id:
+        yield run_id
+
+
+def log_train_result(result: dict[str, Any], run_id: str) -> None:
+    """The train flow's result as ``train/result.json``: a pipeline on another machine reads it back
+    (:func:`run_train_deployment`), as Prefect results may not be shared."""
+    tracking.log_json(result, RESULT_ARTIFACT, run_id=run_id)
+
+
 def run_train_deployment(cfg: Config, parent_run_id: str, expected_train_digest: str) -> dict[str, Any]:
     """Team mode: run the ``train`` deployment (gpu pool), wait for it, and read its result from MLflow.
 
     The result travels through MLflow, not Prefect's result storage: the gpu worker may be another machine,
     and MLflow is the store both sides already share."""
-    import mlflow
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
@@ -326,19 +348,12 @@ def run_train_deployment(cfg: Config, parent_run_id: str, expected_train_digest:
             f"{state.message if state is not None else 'no state'}. See its logs in the Prefect UI."
         )
     tracking.setup(cfg)
-    cli = tracking.client()
-    exp_id = cli.get_run(parent_run_id).info.experiment_id
-    runs = cli.search_runs(
-        [exp_id],
-        filter_string=f"tags.`{TAG_FLOW_RUN}` = '{fr.id}'",
-        max_results=1,
-    )
-    if not runs:
+    run_id = tracking.find_run_by_tag(TAG_FLOW_RUN, str(fr.id), experiment_of=parent_run_id)
+    if run_id is None:
         raise RuntimeError(
             f"train flow run {fr.id} completed but no MLflow run is tagged {TAG_FLOW_RUN}={fr.id} at "
             f"{tracking.tracking_uri(cfg)}. Do the gpu worker and this worker use the same MLFLOW_TRACKING_URI?"
         )
-    run_id = runs[0].info.run_id
-    result = mlflow.artifacts.load_dict(f"runs:/{run_id}/{RESULT_ARTIFACT}")
+    result = tracking.load_json(run_id, RESULT_ARTIFACT)
     log.info("train run %s finished on the %s deployment: %s", run_id, orch.train_deployment, result["model_uri"])
     return dict(result)

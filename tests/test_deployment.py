@@ -213,10 +213,12 @@ def test_pipeline_deployment_trains_on_the_gpu_pool(tmp_path, tiny_models):
         assert f"submitting flow run '{run['id']}'" in workers["cpu"].log_tail(200_000)
 
     # MLflow: the pipeline's summary says team mode; the registered version is the gpu run's model
+    import mlflow
+
     from detoxflow import tracking
 
     tracking.setup(cfg)
-    cli = tracking.client()
+    cli = mlflow.MlflowClient()  # the current tracking URI, as tracking.setup set it
     exp = cli.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     (parent,) = cli.search_runs([exp], filter_string=f"tags.`detoxflow.prefect_flow_run_id` = '{run['id']}'")
     summary = json.loads(Path(cli.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read_text())

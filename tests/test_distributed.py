@@ -97,6 +97,7 @@ def test_cli_train_refuses_to_run_under_a_bare_launcher() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_two_process_gloo_training_averages_gradients_and_only_rank0_logs(tmp_path: Path, tiny_models) -> None:
+    import mlflow
     from test_flows import CORPUS, tiny_config, write_split
 
     from detoxflow import tracking
@@ -116,7 +117,7 @@ def test_two_process_gloo_training_averages_gradients_and_only_rank0_logs(tmp_pa
     summary = state.result()
 
     tracking.setup(cfg)
-    client = tracking.client()
+    client = mlflow.MlflowClient()  # the current tracking URI, as tracking.setup set it
     train_run = client.get_run(summary["mlflow"]["train_run_id"])
     result = json.loads(Path(client.download_artifacts(train_run.info.run_id, "train/result.json",
                                                        str(tmp_path / "dl"))).read_text())

@@ -76,10 +76,12 @@ def project(tmp_path_factory, tiny_models) -> dict[str, Any]:
 
 
 def mlflow_client(cfg: Config):
+    import mlflow
+
     from detoxflow import tracking
 
     tracking.setup(cfg)
-    return tracking.client()
+    return mlflow.MlflowClient()  # the current tracking URI, as tracking.setup set it
 
 
 def child_runs(cfg: Config, parent_run_id: str) -> list[Any]:

@@ -166,10 +166,12 @@ def sweep(tmp_path_factory, tiny_models, prefect_harness) -> dict[str, Any]:
 
 
 def _client(cfg):
+    import mlflow
+
     from detoxflow import tracking
 
     tracking.setup(cfg)
-    return tracking.client()
+    return mlflow.MlflowClient()  # the current tracking URI, as tracking.setup set it
 
 
 @pytest.mark.slow

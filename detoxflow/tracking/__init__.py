@@ -1,0 +1,90 @@
+"""MLflow 3 tracking, the model registry and model loading: the only package of detoxflow that imports MLflow.
+
+It hands out no MLflow client: callers (tasks, the CLI) use the named functions re-exported here, e.g.
+``from detoxflow import tracking; tracking.setup(cfg)``. Flows do not call it: a task or the ``Stage`` of
+:mod:`detoxflow.tasks.stages` records their outcomes. One concern per module:
+
+- :mod:`~detoxflow.tracking.backend`: where the store is (``cfg.tracking.uri``, ``$MLFLOW_TRACKING_URI`` or
+  SQLite in the work dir), ``setup`` (experiment, SQLite init lock), run ids and tags, names and limits;
+- :mod:`~detoxflow.tracking.runs`: params, the parent run of a flow and a child run per stage, run URLs,
+  the metric logger;
+- :mod:`~detoxflow.tracking.artifacts`: JSON, tables, files, folders, the model and the config into a run,
+  and the reads callers need (a JSON artifact, an artifact URL);
+- :mod:`~detoxflow.tracking.lineage`: the lineage tags (built once), data splits as dataset inputs;
+- :mod:`~detoxflow.tracking.registry`: versions, aliases, version tags and the gate's lock;
+- :mod:`~detoxflow.tracking.store`: model URIs to local folders (fetch into the cache) and to a ``Policy``.
+"""
+
+from detoxflow.locks import gate_lock
+from detoxflow.paths import tracking_uri
+from detoxflow.tracking.artifacts import (
+    artifact_url,
+    load_json,
+    log_config,
+    log_dir,
+    log_file,
+    log_json,
+    log_model_dir,
+    log_table,
+)
+from detoxflow.tracking.backend import (
+    CHALLENGER,
+    CHAMPION,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_CHARS,
+    MAX_PARAMS_PER_BATCH,
+    MAX_VERSION_TAG_CHARS,
+    METRIC_TAG_PREFIX,
+    TAG_BASE_MODEL,
+    TAG_CONFIG_DIGEST,
+    TAG_CONFIG_NAME,
+    TAG_GIT_DIRTY,
+    TAG_GIT_SHA,
+    TAG_REWARD_MODEL,
+    TAG_SPLIT_DIGEST,
+    TAG_STAGE,
+    TAG_VERSION,
+    TrackingError,
+    artifact_location,
+    artifact_uri,
+    set_tags,
+    setup,
+)
+from detoxflow.tracking.lineage import git_state, lineage_tags, log_split, model_ids, run_tags
+from detoxflow.tracking.registry import (
+    VersionInfo,
+    get_alias,
+    get_version,
+    list_versions,
+    metric_tags,
+    register_model,
+    set_alias,
+    set_champion,
+    tag_version,
+)
+from detoxflow.tracking.runs import (
+    MetricLogger,
+    child_run,
+    config_params,
+    find_child_run,
+    find_run_by_tag,
+    log_metrics,
+    log_params,
+    metric_logger,
+    parent_run,
+    run_url,
+)
+from detoxflow.tracking.store import fetch_model, load_model, model_cache_dir, resolve_model_uri
+
+__all__ = [
+    "CHALLENGER", "CHAMPION", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "MAX_PARAM_CHARS",
+    "MAX_VERSION_TAG_CHARS", "METRIC_TAG_PREFIX", "TAG_BASE_MODEL", "TAG_CONFIG_DIGEST", "TAG_CONFIG_NAME",
+    "TAG_GIT_DIRTY", "TAG_GIT_SHA", "TAG_REWARD_MODEL", "TAG_SPLIT_DIGEST", "TAG_STAGE", "TAG_VERSION",
+    "MetricLogger", "TrackingError", "VersionInfo", "artifact_location", "artifact_uri", "artifact_url",
+    "child_run", "config_params", "fetch_model", "find_child_run", "find_run_by_tag", "gate_lock", "get_alias",
+    "get_version", "git_state", "lineage_tags", "list_versions", "load_json", "load_model", "log_config",
+    "log_dir", "log_file", "log_json", "log_metrics", "log_model_dir", "log_params", "log_split", "log_table",
+    "metric_logger", "metric_tags", "model_cache_dir", "model_ids", "parent_run", "register_model",
+    "resolve_model_uri", "run_tags", "run_url", "set_alias", "set_champion", "set_tags", "setup", "tag_version",
+    "tracking_uri",
+]

@@ -1,0 +1,205 @@
+"""The model registry: versions, aliases (never stages), version tags, and the gate's lock around them.
+
+:func:`register_model` adds a version and points ``challenger`` at it; the promotion gate moves ``champion``
+with :func:`set_champion` while holding :func:`gate_lock` (:func:`detoxflow.locks.gate_lock`): MLflow aliases
+have no compare-and-set, so "read champion, decide, set alias" must not interleave between gates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from detoxflow.config import Config
+from detoxflow.locks import gate_lock
+from detoxflow.tracking.backend import (
+    CHALLENGER,
+    CHAMPION,
+    MAX_VERSION_TAG_CHARS,
+    METRIC_TAG_PREFIX,
+    TAG_CONFIG_NAME,
+    TAG_SPLIT_DIGEST,
+    TRUNCATED,
+    TrackingError,
+    _client,
+    setup,
+)
+from detoxflow.tracking.lineage import lineage_tags, model_ids, split_digest_of_run
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"  # the run artifact folder a version is registered from (log_model_dir writes it)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered model version, without MLflow types (what the gate and the report read)."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Metrics stored as ``metric.<key>`` version tags by :func:`register_model`."""
+        out = {}
+        for k, v in self.tags.items():
+            if k.startswith(METRIC_TAG_PREFIX):
+                with contextlib.suppress(ValueError):
+                    out[k[len(METRIC_TAG_PREFIX):]] = float(v)
+        return out
+
+    @property
+    def split_digest(self) -> str | None:
+        return self.tags.get(TAG_SPLIT_DIGEST)
+
+
+def _version_info(mv: Any) -> VersionInfo:
+    return VersionInfo(
+        name=mv.name, version=str(mv.version), run_id=mv.run_id or None, source=mv.source,
+        tags=dict(mv.tags or {}), aliases=tuple(mv.aliases or ()),
+    )
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, sort_keys=True, default=str)
+    if len(text) > MAX_VERSION_TAG_CHARS:
+        text = text[: MAX_VERSION_TAG_CHARS - len(TRUNCATED)] + TRUNCATED
+    return text
+
+
+def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """``{'eval/toxicity_mean': 0.1}`` -> ``{'metric.eval/toxicity_mean': '0.1'}`` (finite numbers only)."""
+    out = {}
+    for k, v in metrics.items():
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(x):
+            out[f"{METRIC_TAG_PREFIX}{k}"] = repr(x)
+    return out
+
+
+def register_model(
+    cfg: Config,
+    run_id: str,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    split_digest: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> str:
+    """Register the run's ``model/`` artifact as a new version of ``cfg.registered_model_name``; returns the version.
+
+    Creates the registered model if absent, points ``challenger`` at the new version, and tags it with the
+    lineage tags (config digest, base/reward model ids, git sha), the eval split digest (``split_digest`` or the
+    one :func:`~detoxflow.tracking.lineage.log_split` recorded on the run or its parent) and ``metrics`` as
+    ``metric.<key>`` tags. Runs under :func:`gate_lock`, so versions and the alias move in the same order
+    (re-entrant: a gate that already holds the lock may call it)."""
+    setup(cfg)
+    cli = _client()
+    name = cfg.registered_model_name
+    try:
+        run = cli.get_run(run_id)
+    except MlflowException as e:
+        raise TrackingError(f"register_model: run {run_id} not found at {mlflow.get_tracking_uri()}") from e
+    if not cli.list_artifacts(run_id, MODEL_ARTIFACT):
+        raise TrackingError(
+            f"register_model: run {run_id} has no artifact '{MODEL_ARTIFACT}/'. Log the model first with "
+            f"log_model_dir(dir, run_id=...)"
+        )
+    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    digest = split_digest or split_digest_of_run(run_id, cfg.data.eval_split)
+    all_tags: dict[str, str] = {
+        **lineage_tags(cfg),
+        **({TAG_SPLIT_DIGEST: digest} if digest else {}),
+        **metric_tags(metrics or {}),
+        **{k: _tag_value(v) for k, v in (tags or {}).items()},
+    }
+    with gate_lock(cfg):
+        _ensure_registered_model(cli, name, cfg)
+        mv = cli.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
+        cli.set_registered_model_alias(name, CHALLENGER, mv.version)
+    log.info("registered %s version %s (alias %s) from %s", name, mv.version, CHALLENGER, source)
+    return str(mv.version)
+
+
+def _ensure_registered_model(cli: MlflowClient, name: str, cfg: Config) -> None:
+    try:
+        cli.get_registered_model(name)
+        return
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        cli.create_registered_model(
+            name,
+            tags={TAG_CONFIG_NAME: cfg.name},
+            description=f"detoxflow policy '{cfg.name}': base {model_ids(cfg)[0]} + LoRA adapter trained with PPO. "
+            "Aliases: challenger = newest trained version, champion = promoted by the gate.",
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race: fine
+            raise
+
+
+def get_version(name: str, version: str | int) -> VersionInfo:
+    try:
+        return _version_info(_client().get_model_version(name, str(version)))
+    except MlflowException as e:
+        raise TrackingError(f"model version {name}/{version} not found at {mlflow.get_tracking_uri()}") from e
+
+
+def get_alias(name: str, alias: str) -> VersionInfo | None:
+    """The version ``alias`` points at, or None when the model or the alias does not exist (no champion yet)."""
+    try:
+        return _version_info(_client().get_model_version_by_alias(name, alias))
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    _client().set_registered_model_alias(name, alias, str(version))
+
+
+def set_champion(name: str, version: str | int) -> None:
+    """Point ``champion`` at ``version``; call it inside ``with gate_lock(cfg)`` after the decision."""
+    set_alias(name, CHAMPION, version)
+    log.info("%s: champion -> version %s", name, version)
+
+
+def tag_version(name: str, version: str | int, tags: Mapping[str, Any]) -> None:
+    """Set version tags (the gate's decision and reasons); non-strings as JSON, long values truncated."""
+    cli = _client()
+    for k, v in tags.items():
+        cli.set_model_version_tag(name, str(version), k, _tag_value(v))
+
+
+def list_versions(name: str) -> list[VersionInfo]:
+    """All versions of a registered model, oldest first (empty when the model does not exist)."""
+    found = _client().search_model_versions(f"name = '{name}'")
+    return sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version))
+

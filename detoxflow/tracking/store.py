@@ -1,0 +1,131 @@
+"""The model store: model URIs to local folders (fetch, into a content-addressed cache) and to a Policy (load).
+
+:func:`load_model` turns ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/RUN/model`` or a local
+directory into a :class:`~detoxflow.models.policy.Policy`, downloading through the tracking server into the
+model cache, so only the tracking server must be reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from detoxflow import paths
+from detoxflow.atomic import publish
+from detoxflow.tracking.backend import TrackingError, _client
+
+if TYPE_CHECKING:
+    from detoxflow.models.policy import Policy
+
+log = logging.getLogger(__name__)
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+?)/?$")
+
+
+def resolve_model_uri(uri: str) -> tuple[str, str, str]:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` -> (name, version, artifact source URI)."""
+    m = _MODELS_URI.match(uri)
+    if not m:
+        raise TrackingError(f"'{uri}' is not a registry URI; expected models:/NAME@alias or models:/NAME/VERSION")
+    name, alias, version = m["name"], m["alias"], m["version"]
+    cli = _client()
+    try:
+        mv = cli.get_model_version_by_alias(name, alias) if alias else cli.get_model_version(name, version)
+    except MlflowException as e:
+        hint = ""
+        with contextlib.suppress(MlflowException):
+            rm = cli.get_registered_model(name)
+            hint = f" Aliases present: {', '.join(sorted(rm.aliases)) or 'none'}."
+        raise TrackingError(
+            f"{uri}: not found at tracking URI {mlflow.get_tracking_uri()}.{hint} Set MLFLOW_TRACKING_URI to the "
+            "server that holds the registry, or run the pipeline first"
+        ) from e
+    source = mv.source
+    if not source or source.startswith("models:/"):
+        source = cli.get_model_version_download_uri(name, str(mv.version))
+    return name, str(mv.version), source
+
+
+def _local_path(uri: str) -> Path | None:
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(parts.path)
+    if parts.scheme == "" and uri:
+        return Path(uri)
+    return None
+
+
+def _download(source: str, key: str) -> Path:
+    """Download ``source`` into the model cache under ``key`` (once; atomic, so concurrent loads are safe)."""
+    root = model_cache_dir()
+    dest = root / key
+    if (dest / "detoxflow.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp)))
+        if not (local / "detoxflow.json").is_file():
+            raise TrackingError(f"{source} is not a detoxflow model artifact (no detoxflow.json)")
+        publish(local, dest, if_exists="keep")  # a concurrent download may have published it first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def model_cache_dir() -> Path:
+    """Downloaded model versions: ``<cache>/models/<tracking uri hash>/...`` (versions are immutable)."""
+    return paths.cache_dir() / "models"
+
+
+def fetch_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """The local directory of a model artifact, downloading it through the tracking server when needed."""
+    path = Path(uri)
+    if path.is_dir():
+        return path
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
+        # the same default store a local `detoxflow run` writes to
+        mlflow.set_tracking_uri(paths.tracking_uri(None))
+    store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:12]
+    if uri.startswith("models:/"):
+        name, version, source = resolve_model_uri(uri)
+        local = _local_path(source)
+        if local is not None and (local / "detoxflow.json").is_file():
+            return local  # a local store: read in place, no copy of the base weights
+        return _download(source, f"{store}/{name}/v{version}")
+    if uri.startswith("runs:/"):
+        m = _RUNS_URI.match(uri)
+        if not m:
+            raise TrackingError(f"'{uri}': expected runs:/RUN_ID/model")
+        return _download(uri, f"{store}/runs/{m['run']}/{m['path']}")
+    if "://" in uri or uri.startswith("mlflow-artifacts:"):
+        return _download(uri, f"{store}/uri/{hashlib.sha256(uri.encode()).hexdigest()[:16]}")
+    raise TrackingError(
+        f"model '{uri}' not found: pass models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model or an "
+        "existing model artifact directory"
+    )
+
+
+def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "auto") -> Policy:
+    """A :class:`Policy` from ``models:/NAME@champion``, ``models:/NAME/3``, ``runs:/RUN/model`` or a directory.
+
+    Only the tracking server must be reachable: artifacts are downloaded through it into the model cache."""
+    from detoxflow.models.policy import Policy
+
+    local = fetch_model(uri, tracking_uri)
+    log.info("loading model %s from %s", uri, local)
+    return Policy.from_artifact(local, device=device)
