@@ -73,7 +73,7 @@ class ModelConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
     fast_path: Literal["auto", "off"] = Field(
         "auto",
-        description="'auto': a functional forward for GPT-2 / T5 (models/fastpath.py) where it implements the model, "
+        description="'auto': a functional forward for GPT-2 / T5 (detoxflow.models.fastpath) where it implements the model, "
         "else the HF modules; 'off': always the HF modules",
     )
 

@@ -1,7 +1,7 @@
 """The promotion gate's lock: "read champion, decide, set alias" must not interleave between pipelines.
 
-MLflow aliases have no compare-and-set: with 8 concurrent gates and no lock, the right champion won only 2 of
-5 times (design.md, section 6). So the gate holds one of two locks:
+MLflow aliases have no compare-and-set: in a trial of 8 concurrent gates without a lock, the right champion won
+only 2 of 5 times. So the gate holds one of two locks:
 
 - a PostgreSQL advisory lock (``pg_advisory_lock``) on a dedicated connection, when the MLflow backend is
   PostgreSQL: every machine that can reach the database is excluded (team mode). The database URI comes from
