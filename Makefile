@@ -31,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE) && cp -r detoxflow $(LINT_TREE)/ \
 	  && for p in models tasks flows; do cp -r $$p $(LINT_TREE)/detoxflow/$$p; done
-	cd $(LINT_TREE) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --config ../pyproject.toml
+	cd $(LINT_TREE) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports ../pyproject.toml
 
 test: install lint
 	$(VENV)/bin/python -m pytest -q

@@ -6,7 +6,7 @@ from configs, each variant in its own subprocess so that its peak RSS is clean, 
 parameter bytes held (base, copy, LoRA + value head) and peak RSS of the whole process.
 
 usage: python benchmarks/memory.py [--sizes tiny small] [--archs t5 gpt2] [--steps 2] [--batch 8] [--new-tokens 32]
-  tiny : d_model 128, 2 layers, vocab 2000 (the shapes of ../shared/bench/make_tiny_models.py)
+  tiny : d_model 128, 2 layers, vocab 2000 (the peer benchmark's tiny models)
   small: t5-small (d 512, 6+6 layers, vocab 32128) and gpt2 (d 768, 12 layers, vocab 50257) shapes
 """
 

@@ -51,7 +51,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = "peer_trl011_ppo.py"
 FLOOR_SCRIPT = "floor.py"
 MODELS_SCRIPT = "make_tiny_models.py"
-# the peer's own install lines (../shared/bench/README.md); torch first so that pip does not pick another build
+# the peer's install lines: TRL 0.11 with the transformers / peft of its time; torch first so that pip does not
+# pick another build
 PEER_PIP = (
     ["torch==2.13.0"],
     ["trl==0.11.4", "transformers==4.46.3", "peft==0.13.2", "accelerate==1.1.1", "rich", "alt-profanity-check"],

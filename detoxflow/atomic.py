@@ -14,23 +14,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-IfExists = Literal["replace", "keep", "fail"]
+IfExists = Literal["replace", "fail"]
 
 
 def publish(src: Path, dest: Path, *, if_exists: IfExists = "replace") -> None:
     """Rename ``src`` onto ``dest`` (same filesystem).
 
     ``if_exists``: ``replace`` removes an existing folder ``dest`` first (a file is replaced by the rename
-    itself); ``keep`` accepts an existing ``dest`` that another writer published first (``src`` stays for
-    the caller to clean up); ``fail`` raises ``OSError`` when ``dest`` is a non-empty folder."""
+    itself); ``fail`` raises ``OSError`` when ``dest`` is a non-empty folder (a caller that can tell a complete
+    ``dest`` published by another writer decides what that means)."""
     if if_exists == "replace" and dest.is_dir() and src.is_dir():
         shutil.rmtree(dest)
-    try:
-        os.replace(src, dest)
-    except OSError:
-        if if_exists == "keep" and dest.exists():
-            return
-        raise
+    os.replace(src, dest)
 
 
 @contextmanager

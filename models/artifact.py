@@ -26,7 +26,7 @@ from detoxflow.config import LoraSection, ModelConfig
 if TYPE_CHECKING:
     from detoxflow.models.policy import Policy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("detoxflow.models.policy")  # the name users saw before the split
 
 ARTIFACT_META = "detoxflow.json"
 

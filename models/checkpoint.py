@@ -29,7 +29,7 @@ from detoxflow.models import ppo as P
 if TYPE_CHECKING:
     from detoxflow.models.policy import Policy
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("detoxflow.models.trainer")  # the name users saw before the split
 
 CHECKPOINT_FILE = "state.pt"
 

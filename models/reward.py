@@ -352,7 +352,6 @@ def scorer_input(queries: Sequence[str], responses: Sequence[str], mode: str = "
     raise ValueError(f"reward.input = {mode!r}: allowed are 'summary' and 'query+summary'")
 
 
-
 def length_shortfall(lengths: torch.Tensor, min_new_tokens: int) -> torch.Tensor:
     """``(B,)`` content tokens per completion (EOS excluded) -> ``(B,)`` tokens missing below ``min_new_tokens``."""
     return (min_new_tokens - lengths).clamp(min=0)

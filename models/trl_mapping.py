@@ -30,7 +30,7 @@ from detoxflow.models import monitors
 from detoxflow.models.reward import Scorer, guarded_scores, scorer_input
 from detoxflow.models.trainer import TrainingError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("detoxflow.models.trl_backends")  # the name users saw before the split
 
 LogFn = Callable[[dict[str, float], int], None]
 BACKENDS: tuple[str, ...] = ("rloo", "grpo")

@@ -29,8 +29,9 @@ from detoxflow.config import Config
 from detoxflow.locks import sqlite_path
 from detoxflow.paths import tracking_uri, work_dir
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("detoxflow.tracking")  # the name users saw before the split
 
+MODEL_ARTIFACT = "model"  # the run artifact folder of a trained model; a version is registered from it
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 

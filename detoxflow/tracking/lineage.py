@@ -39,7 +39,7 @@ from detoxflow.tracking.backend import (
     set_tags,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("detoxflow.tracking")  # the name users saw before the split
 
 
 # ------------------------------------------------------------------------------------------ lineage tags

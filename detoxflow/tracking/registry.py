@@ -26,6 +26,7 @@ from detoxflow.tracking.backend import (
     CHAMPION,
     MAX_VERSION_TAG_CHARS,
     METRIC_TAG_PREFIX,
+    MODEL_ARTIFACT,
     TAG_CONFIG_NAME,
     TAG_SPLIT_DIGEST,
     TRUNCATED,
@@ -35,9 +36,8 @@ from detoxflow.tracking.backend import (
 )
 from detoxflow.tracking.lineage import lineage_tags, model_ids, split_digest_of_run
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("detoxflow.tracking")  # the name users saw before the split
 
-MODEL_ARTIFACT = "model"  # the run artifact folder a version is registered from (log_model_dir writes it)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from detoxflow.tracking.backend import (
 )
 from detoxflow.tracking.lineage import run_tags
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("detoxflow.tracking")  # the name users saw before the split
 
 
 # ------------------------------------------------------------------------------------------ params

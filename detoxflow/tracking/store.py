@@ -28,7 +28,7 @@ from detoxflow.tracking.backend import TrackingError, _client
 if TYPE_CHECKING:
     from detoxflow.models.policy import Policy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("detoxflow.tracking")  # the name users saw before the split
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+?)/?$")
@@ -79,7 +79,11 @@ def _download(source: str, key: str) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp)))
         if not (local / "detoxflow.json").is_file():
             raise TrackingError(f"{source} is not a detoxflow model artifact (no detoxflow.json)")
-        publish(local, dest, if_exists="keep")  # a concurrent download may have published it first
+        try:
+            publish(local, dest, if_exists="fail")
+        except OSError:
+            if not (dest / "detoxflow.json").is_file():  # not a concurrent download that won the race
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
