@@ -2,6 +2,15 @@
 
 The gate holds :func:`detoxflow.tracking.gate_lock` (:func:`detoxflow.locks.gate_lock`) while it reads the champion, decides and moves the alias:
 MLflow aliases have no compare-and-set, and two gates interleaving would let the worse model win.
+
+Both are idempotent per training run, and their writes are ordered so that a process killed between any two of
+them leaves a state the next attempt detects and finishes (fault points in brackets, see docs/reliability.md):
+register = create the version with its tags [register_version], point ``challenger`` at it [set_challenger];
+gate = reasons, ``champion_before`` and ``champion_metrics`` tags [tag_reasons], the ``promotion.decision`` tag
+last of the record [tag_decision], then, when it promotes, the ``champion`` alias [set_champion]. So a champion
+always carries its decision; a retry finds the training run's version (no second one), moves ``challenger`` to
+it unless a newer version has it, and, when the decision is already recorded, applies it instead of deciding
+again (a recorded decision is never flipped).
 """
 
 from __future__ import annotations
@@ -11,10 +20,12 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from detoxflow import tracking
 from detoxflow.config import Config
+from detoxflow.faults import fault_point
 from detoxflow.models.evaluate import evaluate
 from detoxflow.models.promotion import decide
 from detoxflow.models.reward import build_scorer
@@ -26,30 +37,52 @@ logger = logging.getLogger(__name__)
 TAG_SETTINGS_DIGEST = "detoxflow.settings_digest"
 TAG_DECISION = "promotion.decision"
 TAG_REASONS = "promotion.reasons"
+TAG_CHAMPION_BEFORE = "promotion.champion_before"
+TAG_CHAMPION_METRICS = "promotion.champion_metrics"
+RECORD_TAGS = (TAG_REASONS, TAG_CHAMPION_BEFORE, TAG_CHAMPION_METRICS, TAG_DECISION)  # the decision is written last
+
+
+def _log() -> Any:
+    """The Prefect run logger inside a task run, else this module's logger (the write path called directly)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
 
 
 @task(name="register_model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def register_model(cfg: Config, run_id: str, evaluation: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     """Register the training run's ``model/`` artifact as a new version with alias ``challenger``.
 
-    Retried for I/O (the tracking server or artifact store may blip). A retry first looks for a version this
-    run already registered, so a failure after ``create_model_version`` does not leave two versions."""
+    Idempotent per training run (retried for I/O, or run again after a kill): when ``run_id`` already has a
+    version, that one is returned and ``challenger`` is pointed at it unless a newer version holds it, so
+    neither a retry nor a crash between the two writes leaves two versions or a version without its alias."""
     tracking.setup(cfg)
     name = cfg.registered_model_name
-    existing = [v for v in tracking.list_versions(name) if v.run_id == run_id]
-    if existing:
-        version = existing[-1].version
-        tracking.set_alias(name, tracking.CHALLENGER, version)
-    else:
-        version = tracking.register_model(
-            cfg,
-            run_id,
-            metrics=gate_metrics(evaluation, train),
-            split_digest=evaluation["split_digest"],
-            tags={TAG_SETTINGS_DIGEST: evaluation["settings_digest"]},
-        )
-    get_run_logger().info("registered %s version %s (alias challenger)", name, version)
+    with tracking.gate_lock(cfg):  # re-entrant: tracking.register_model takes it too
+        existing = [v for v in tracking.list_versions(name) if v.run_id == run_id]
+        if existing:
+            version = existing[-1].version
+            _ensure_challenger(name, version)
+        else:
+            version = tracking.register_model(
+                cfg,
+                run_id,
+                metrics=gate_metrics(evaluation, train),
+                split_digest=evaluation["split_digest"],
+                tags={TAG_SETTINGS_DIGEST: evaluation["settings_digest"]},
+            )
+    _log().info("registered %s version %s (alias challenger)", name, version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+def _ensure_challenger(name: str, version: str) -> None:
+    """Point ``challenger`` at ``version`` unless it is there already or on a newer version (a later training run)."""
+    challenger = tracking.get_alias(name, tracking.CHALLENGER)
+    if challenger is not None and int(challenger.version) >= int(version):
+        return
+    tracking.set_alias(name, tracking.CHALLENGER, version)
+    _log().info("%s version %s had no challenger alias (an interrupted register): set it", name, version)
 
 
 def version_to_gate(cfg: Config, model_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,7 +125,7 @@ def champion_metrics(
         and tags_metrics["settings_digest"] == challenger["settings_digest"]
     ):
         return tags_metrics, "registered"
-    get_run_logger().info(
+    _log().info(
         "champion v%s was evaluated on split %s / settings %s; re-evaluating it on %s / %s",
         champion.version, tags_metrics["split_digest"], tags_metrics["settings_digest"],
         challenger["split_digest"], challenger["settings_digest"],
@@ -120,12 +153,15 @@ def gate_and_promote(
     Returns ``{"promote", "decision", "reasons", "version", "champion_before", "champion_after",
     "champion_metrics"}`` (``registered`` / ``re-evaluated`` / None: where the champion's numbers came from);
     the decision and the reasons are also written as version tags, whatever the outcome."""
-    log = get_run_logger()
+    log = _log()
     tracking.setup(cfg)
     name = cfg.registered_model_name
     challenger = gate_metrics(evaluation, train)
     base = gate_metrics(baseline)
     with tracking.gate_lock(cfg):
+        recorded = _recorded_decision(name, version) if train.get("run_id") else None
+        if recorded is not None:
+            return _apply_recorded(name, str(version), recorded)
         champion = tracking.get_alias(name, tracking.CHAMPION)
         before = champion.version if champion else None
         if champion is not None and champion.version == str(version):
@@ -133,22 +169,63 @@ def gate_and_promote(
         champ, source = champion_metrics(cfg, champion, challenger, data) if champion else (None, None)
         decision = decide(challenger, champ, base, cfg.promotion, cfg.ppo.kl.target,
                           evaluation.get("alarms") or [])
+        tags = {**decision.as_tags(), TAG_CHAMPION_BEFORE: before or "none", TAG_CHAMPION_METRICS: source or "none"}
+        _record_decision(name, version, tags)
         if decision.promote:
             tracking.set_champion(name, version)
-        tracking.tag_version(name, version, {
-            **decision.as_tags(),
-            "promotion.champion_before": before or "none",
-            "promotion.champion_metrics": source or "none",
-        })
+            fault_point("set_champion")
     after = version if decision.promote else before
     log.info("gate: %s version %s (champion %s -> %s)\n%s", "PROMOTE" if decision.promote else "REJECT", version,
              before, after, "\n".join(decision.reasons))
+    return _gate_result(decision.promote, list(decision.reasons), str(version), before, source)
+
+
+def _gate_result(
+    promote: bool, reasons: list[str], version: str, before: str | None, source: str | None
+) -> dict[str, Any]:
     return {
-        "promote": decision.promote,
-        "decision": "promoted" if decision.promote else "rejected",
-        "reasons": list(decision.reasons),
-        "version": str(version),
+        "promote": promote,
+        "decision": "promoted" if promote else "rejected",
+        "reasons": reasons,
+        "version": version,
         "champion_before": before,
-        "champion_after": after,
+        "champion_after": version if promote else before,
         "champion_metrics": source,
     }
+
+
+def _record_decision(name: str, version: str, tags: dict[str, str]) -> None:
+    """Write the decision record on the version, ``promotion.decision`` last: its presence means the record is
+    whole. An earlier decision tag (a deliberate re-gate) is removed first, so old and new never mix."""
+    if TAG_DECISION in tracking.get_version(name, version).tags:
+        tracking.untag_version(name, version, [TAG_DECISION])
+    tracking.tag_version(name, version, {k: tags[k] for k in RECORD_TAGS if k != TAG_DECISION})
+    fault_point("tag_reasons")
+    tracking.tag_version(name, version, {TAG_DECISION: tags[TAG_DECISION]})
+    fault_point("tag_decision")
+
+
+def _recorded_decision(name: str, version: str) -> dict[str, str] | None:
+    """The version's whole decision record (all of :data:`RECORD_TAGS`), or None when it has none yet."""
+    tags = tracking.get_version(name, version).tags
+    return {k: tags[k] for k in RECORD_TAGS} if all(k in tags for k in RECORD_TAGS) else None
+
+
+def _apply_recorded(name: str, version: str, recorded: dict[str, str]) -> dict[str, Any]:
+    """Finish a gate whose decision is already on the version (a retry after a kill): no new decision; a
+    promotion whose alias move was lost is applied, unless the champion has moved on since (a later gate)."""
+    promote = recorded[TAG_DECISION] == "promote"
+    before = None if recorded[TAG_CHAMPION_BEFORE] == "none" else recorded[TAG_CHAMPION_BEFORE]
+    source = None if recorded[TAG_CHAMPION_METRICS] == "none" else recorded[TAG_CHAMPION_METRICS]
+    champion = tracking.get_alias(name, tracking.CHAMPION)
+    current = champion.version if champion else None
+    note = "already applied"
+    if promote and current != version:
+        if current == before:
+            tracking.set_champion(name, version)
+            fault_point("set_champion")
+            note = "champion alias set now (the earlier gate was interrupted)"
+        else:
+            note = f"not applied: the champion has moved on to {current} since"
+    _log().info("gate: version %s was already gated (%s, %s)", version, recorded[TAG_DECISION].upper(), note)
+    return _gate_result(promote, recorded[TAG_REASONS].split("\n"), version, before, source)

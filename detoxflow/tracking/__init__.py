@@ -61,6 +61,7 @@ from detoxflow.tracking.registry import (
     set_alias,
     set_champion,
     tag_version,
+    untag_version,
 )
 from detoxflow.tracking.runs import (
     MetricLogger,
@@ -86,5 +87,5 @@ __all__ = [
     "log_dir", "log_file", "log_json", "log_metrics", "log_model_dir", "log_params", "log_split", "log_table",
     "metric_logger", "metric_tags", "model_cache_dir", "model_ids", "parent_run", "register_model",
     "resolve_model_uri", "run_tags", "run_url", "set_alias", "set_champion", "set_tags", "setup", "tag_version",
-    "tracking_uri",
+    "tracking_uri", "untag_version",
 ]

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from detoxflow.config import Config
+from detoxflow.faults import fault_point
 from detoxflow.locks import gate_lock
 from detoxflow.tracking.backend import (
     CHALLENGER,
@@ -140,7 +141,9 @@ def register_model(
     with gate_lock(cfg):
         _ensure_registered_model(cli, name, cfg)
         mv = cli.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
+        fault_point("register_version")
         cli.set_registered_model_alias(name, CHALLENGER, mv.version)
+        fault_point("set_challenger")
     log.info("registered %s version %s (alias %s) from %s", name, mv.version, CHALLENGER, source)
     return str(mv.version)
 
@@ -196,6 +199,13 @@ def tag_version(name: str, version: str | int, tags: Mapping[str, Any]) -> None:
     cli = _client()
     for k, v in tags.items():
         cli.set_model_version_tag(name, str(version), k, _tag_value(v))
+
+
+def untag_version(name: str, version: str | int, keys: list[str]) -> None:
+    """Remove version tags (the gate clears an earlier decision before it records a new one)."""
+    cli = _client()
+    for k in keys:
+        cli.delete_model_version_tag(name, str(version), k)
 
 
 def list_versions(name: str) -> list[VersionInfo]:
