@@ -43,6 +43,7 @@ class UserError(errors.InputError):
 
 
 _state = {"debug": False}
+GENERATE_MAX_QUERY_TOKENS = 512
 
 
 @app.callback()
@@ -282,22 +283,33 @@ def generate(
     model: Annotated[str, typer.Option(help="models:/NAME@champion, runs:/..., or a model artifact directory")],
     max_new_tokens: int = 48,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    truncation: Annotated[str, typer.Option(
+        help=f"a prompt over {GENERATE_MAX_QUERY_TOKENS} tokens: keep_instruction (cut its middle, keep its start "
+        "and its closing 'Summary:') or refuse")] = "keep_instruction",
 ) -> None:
     """Generate with a registered (or local) model; reads the store, creates nothing."""
     from pydantic import ValidationError
 
-    from detoxflow.config import GenerationConfig
+    from detoxflow.config import DataConfig, GenerationConfig
 
     try:
         gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample)
     except ValidationError as e:
         raise UserError(f"generate --max-new-tokens {max_new_tokens}: {errors.one_line(e)}") from None
+    try:
+        data_cfg = DataConfig(max_query_tokens=GENERATE_MAX_QUERY_TOKENS, truncation=truncation)  # type: ignore[arg-type]
+    except ValidationError:
+        raise UserError(f"generate --truncation {truncation}: use keep_instruction or refuse") from None
     preflight.check_model_uri(model, None)
     preflight.check_tracking(None)
+    from detoxflow.models.prompts import check_lengths, template_tail
     from detoxflow.tracking import load_model
 
     policy = load_model(model)
-    for text in policy.generate_texts(list(prompt), gen):
+    prompts = list(prompt)
+    check_lengths(policy.tokenizer, prompts, [f"prompt {i + 1}" for i in range(len(prompts))], data_cfg, "generate")
+    for text in policy.generate_texts(prompts, gen, max_query_tokens=GENERATE_MAX_QUERY_TOKENS,
+                                      tail=template_tail(data_cfg.prompt_template)):
         out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

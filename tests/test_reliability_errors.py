@@ -219,14 +219,12 @@ def test_generate_bad_max_new_tokens_is_one_line(tmp_path: Path) -> None:
     assert wall < 5
 
 
-def test_generate_from_a_new_folder_creates_no_store(tmp_path: Path) -> None:
+def test_read_only_commands_create_no_store(tmp_path: Path) -> None:
+    """generate, config show and data inspect in a new folder: nothing appears there (no .detoxflow/mlflow.db)."""
     proc, wall = detoxflow(["generate", "hello", "--model", "models:/nope@champion"], tmp_path, timeout=60)
     assert_one_line(proc, 2, "models:/nope@champion", "no tracking store")
     assert wall < 5
     assert list(tmp_path.iterdir()) == []
-
-
-def test_read_only_commands_create_no_store(tmp_path: Path) -> None:
     proc, _ = detoxflow(["config", "show", "-c", str(DEFAULT)], tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     proc, _ = detoxflow(["data", "inspect", "-c", str(DEFAULT), "--show", "0"], tmp_path, timeout=120)
@@ -265,3 +263,82 @@ def test_reward_failure_is_one_line_exit_2_and_a_failed_run(tmp_path: Path, fn: 
     assert not any(r[1] == "RUNNING" for r in runs)
     with sqlite3.connect(tmp_path / ".detoxflow" / "mlflow.db") as con:
         assert con.execute("select count(*) from model_versions").fetchone()[0] == 0
+
+
+# ------------------------------------------------------------------------------------------ long prompts (row 10)
+
+TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
+WORDS = "the customer wants a refund because the order arrived late and broken "
+
+
+def _tiny_policy(tiny_models: dict[str, Path], arch: str):
+    import torch
+
+    from detoxflow.config import LoraSection, ModelConfig
+    from detoxflow.models.policy import Policy
+
+    torch.manual_seed(0)
+    return Policy.load(ModelConfig(name_or_path=str(tiny_models[arch])), LoraSection(r=4, alpha=8))
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_long_prompt_keeps_instruction_and_end(tiny_models: dict[str, Path], arch: str) -> None:
+    from detoxflow.models.data import Record, build_prompt
+    from detoxflow.models.prompts import template_tail
+
+    policy = _tiny_policy(tiny_models, arch)
+    tok = policy.tokenizer
+    long = build_prompt(TEMPLATE, Record("r-long", WORDS * 2000, "s"))  # ~140k characters
+    short = build_prompt(TEMPLATE, Record("r-short", "person one asks about friday", "s"))
+    q, qm = policy.encode_queries([long, short], 64, template_tail(TEMPLATE))
+    assert q.shape[1] == 64
+    kept = q[0][qm[0].bool()].tolist()
+    body = tok(long, add_special_tokens=False)["input_ids"]  # the whole prompt, uncut
+    n_tail = len(tok("\n\nSummary:", add_special_tokens=False)["input_ids"])
+    added = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}  # what the tokenizer adds around it
+    kept_body = kept[:]
+    while kept_body and kept_body[-1] in added:
+        kept_body.pop()
+    while kept_body and kept_body[0] in added:
+        kept_body.pop(0)
+    assert kept_body[:20] == body[:20]  # the instruction before the dialogue
+    assert kept_body[-n_tail:] == body[-n_tail:]  # "Summary:" at the end
+    # a prompt that fits is encoded exactly as the tokenizer alone encodes it
+    alone = tok([short], return_token_type_ids=False)["input_ids"][0]
+    assert q[1][qm[1].bool()].tolist() == alone
+
+
+def test_long_prompts_are_counted_or_refused(tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from detoxflow.config import DataConfig
+    from detoxflow.models.data import DataError, Record, build_prompt
+    from detoxflow.models.prompts import check_lengths
+
+    tok = _tiny_policy(tiny_models, "t5").tokenizer
+    recs = [Record("a", "hello there", "s"), Record("b", WORDS * 50, "s"), Record("c", WORDS * 60, "s")]
+    prompts = [build_prompt(TEMPLATE, r) for r in recs]
+    with caplog.at_level(logging.WARNING):
+        n = check_lengths(tok, prompts, [r.id for r in recs], DataConfig(max_query_tokens=64), "evaluation")
+    assert n == 2
+    assert "2 of 3 prompts are longer than data.max_query_tokens=64" in caplog.text
+    with pytest.raises(DataError, match="record 'b'.*data.max_query_tokens=64"):
+        check_lengths(tok, prompts, [r.id for r in recs], DataConfig(max_query_tokens=64, truncation="refuse"), "x")
+
+
+@pytest.mark.slow
+def test_generate_with_a_98k_character_prompt(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    policy = _tiny_policy(tiny_models, "t5")
+    model_dir = policy.save_artifact(tmp_path / "model")
+    prompt = "Summarize the following conversation.\n\n" + (WORDS * 1400)[:98_000] + "\n\nSummary:"
+    proc, _ = detoxflow(["generate", "--model", str(model_dir), "--max-new-tokens", "4", prompt], tmp_path,
+                        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 of 1 prompts are longer than data.max_query_tokens=512" in proc.stderr
+    assert "data.truncation=keep_instruction" in proc.stderr
+    proc, _ = detoxflow(["generate", "--model", str(model_dir), "--truncation", "refuse", prompt], tmp_path,
+                        timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "record 'prompt 1'" in errors[0] and "over data.max_query_tokens=512" in errors[0]
