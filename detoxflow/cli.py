@@ -83,6 +83,7 @@ class _QuietKnownErrors(logging.Filter):
 
 def _quiet_prefect() -> None:
     """Without ``--debug``, a known error is one line from the CLI, not also a traceback per task and flow."""
+    _state["flow_started"] = True
     if _state["debug"]:
         return
     for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
@@ -352,6 +353,8 @@ def main() -> None:
             raise  # a bug: its traceback, exit 1
         if _state["debug"]:
             traceback.print_exc()
+        if _state.get("flow_started"):
+            console.file.write("\n")  # a progress bar may have left its line open
         console.print(f"[bold red]error:[/bold red] {escape(errors.one_line(e))}", highlight=False, soft_wrap=True)
         sys.exit(code)
 

@@ -342,3 +342,12 @@ def test_generate_with_a_98k_character_prompt(tiny_models: dict[str, Path], tmp_
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "record 'prompt 1'" in errors[0] and "over data.max_query_tokens=512" in errors[0]
+
+
+def test_preflight_imports_nothing_heavy() -> None:
+    """The checks run before torch, transformers, Prefect or MLflow are imported (that is why they take ~1 s)."""
+    code = ("import sys, detoxflow.cli, detoxflow.preflight, detoxflow.errors; "
+            "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
