@@ -58,12 +58,11 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config, overrides or [])
 
 
-def _checked(config: Path | None, overrides: list[str] | None, *, model_uri: str | None = None,
-             train: bool = True) -> Config:
+def _checked(config: Path | None, overrides: list[str] | None, *, model_uri: str | None = None) -> Config:
     """The config of a command that writes, after the preflight checks (before any heavy import)."""
     preflight.check_config_file(config)
     cfg = _load(config, overrides)
-    preflight.preflight(cfg, model_uri=model_uri, train=train)
+    preflight.preflight(cfg, model_uri=model_uri)
     return cfg
 
 

@@ -188,14 +188,14 @@ def check_model_uri(uri: str, cfg: Config | None) -> None:
                          "runs:/RUN_ID/model or a model artifact folder")
 
 
-def preflight(cfg: Config, *, model_uri: str | None = None, train: bool = True) -> None:
-    """Every check a pipeline command needs; ``train``: the command builds the policy and reward from config."""
+def preflight(cfg: Config, *, model_uri: str | None = None) -> None:
+    """Every check a pipeline command needs (``model_uri``: the model that evaluate / promote read)."""
     if model_uri is not None:
         check_model_uri(model_uri, cfg)
-    if train:
-        check_model_name("model.name_or_path", cfg.model.name_or_path)
-        if cfg.model.sft_adapter and _looks_like_path(cfg.model.sft_adapter) and not Path(cfg.model.sft_adapter).expanduser().is_dir():
-            raise InputError(f"model.sft_adapter '{cfg.model.sft_adapter}': no such folder; give a peft adapter folder")
+    check_model_name("model.name_or_path", cfg.model.name_or_path)
+    adapter = cfg.model.sft_adapter
+    if adapter and _looks_like_path(adapter) and not Path(adapter).expanduser().is_dir():
+        raise InputError(f"model.sft_adapter '{adapter}': no such folder; give a peft adapter folder")
     check_data(cfg.data)
     if cfg.orchestration.mode == "local":  # in team mode the reward is built on the gpu worker
         check_reward(cfg.reward)
