@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from detoxflow.config import Config, ConfigError, dump_yaml, load_config
+from detoxflow import errors, preflight
+from detoxflow.config import Config, dump_yaml, load_config
 
 app = typer.Typer(
     help="detoxflow: make a language model less toxic with PEFT-PPO and a KL-penalised reward.",
@@ -35,30 +38,55 @@ SetOpt = Annotated[
 ]
 
 
-class UserError(Exception):
-    """Bad input a user can fix; the CLI prints the message and exits with code 2."""
+class UserError(errors.InputError):
+    """Bad input a user can fix; the CLI prints the message and exits with code 2 (see detoxflow.errors)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, UserError]
-    try:
-        from detoxflow.models.data import DataError
+_state = {"debug": False}
+GENERATE_MAX_QUERY_TOKENS = 512
 
-        errors.append(DataError)
-    except ImportError:
-        pass
-    from detoxflow.team import TeamError
 
-    errors.append(TeamError)
-    if "detoxflow.tracking" in sys.modules:  # only loaded when a command used MLflow (importing it costs ~2 s)
-        from detoxflow.tracking import TrackingError
-
-        errors.append(TrackingError)
-    return tuple(errors)
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error, and Prefect's")] = False,
+) -> None:
+    """Options for every command."""
+    _state["debug"] = debug
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config, overrides or [])
+
+
+def _checked(config: Path | None, overrides: list[str] | None, *, model_uri: str | None = None) -> Config:
+    """The config of a command that writes, after the preflight checks (before any heavy import)."""
+    preflight.check_config_file(config)
+    cfg = _load(config, overrides)
+    preflight.preflight(cfg, model_uri=model_uri)
+    return cfg
+
+
+class _QuietKnownErrors(logging.Filter):
+    """Drops the log records of Prefect's engine that carry an error the CLI reports in one line: the traceback
+    ("Encountered exception during execution") and the state line ("Finished in state Failed(... RewardError: ...)")."""
+
+    _STATE = re.compile(r"Finished in state Failed\(.*?exception:? (\w+):")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return errors.exit_code(exc) is None
+        m = self._STATE.match(record.getMessage())
+        return m is None or m.group(1) not in errors.KNOWN_NAMES
+
+
+def _quiet_prefect() -> None:
+    """Without ``--debug``, a known error is one line from the CLI, not also a traceback per task and flow."""
+    _state["flow_started"] = True
+    if _state["debug"]:
+        return
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logging.getLogger(name).addFilter(_QuietKnownErrors())
 
 
 def _setup_env() -> None:
@@ -68,6 +96,10 @@ def _setup_env() -> None:
     # busy 2-core machine, where `detoxflow run` then fails before any stage runs (120 s failed once at load 12-15).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow retries an HTTP request 7 times with backoff (minutes against a dead server): bound it for the run
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # OpenMP threads that spin while waiting make torch several times slower on a shared machine; torch reads
@@ -137,8 +169,10 @@ def bootstrap(
 @app.command()
 def run(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline (prepare -> baseline -> train -> evaluate -> gate) as a Prefect flow."""
-    cfg = _load(config, set_)
+    cfg = _checked(config, set_)
     from detoxflow.flows.pipeline import pipeline
+
+    _quiet_prefect()
 
     summary = pipeline(cfg)
     out.print_json(json.dumps(summary, default=str))
@@ -163,8 +197,10 @@ def train(
             "without accelerate launch / torchrun: it starts the N processes itself, and only rank 0 logs to MLflow"
         )
     overrides = [*(set_ or []), *([f"orchestration.train_processes={num_processes}"] if num_processes else [])]
-    cfg = _load(config, overrides)
+    cfg = _checked(config, overrides)
     from detoxflow.flows.train import train_flow
+
+    _quiet_prefect()
 
     result = train_flow(cfg)
     out.print_json(json.dumps(result, default=str))
@@ -192,8 +228,10 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate a model on the held-out split (the `evaluate` flow)."""
-    cfg = _load(config, set_)
+    cfg = _checked(config, set_, model_uri=model)
     from detoxflow.flows.evaluate import evaluate_flow
+
+    _quiet_prefect()
 
     out.print_json(json.dumps(evaluate_flow(cfg, model_uri=model), default=str))
 
@@ -205,8 +243,10 @@ def promote(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate a registered version and run the promotion gate on it (the `promote` flow)."""
-    cfg = _load(config, set_)
+    cfg = _checked(config, set_, model_uri=model)
     from detoxflow.flows.promote import promote_flow
+
+    _quiet_prefect()
 
     out.print_json(json.dumps(promote_flow(cfg, model_uri=model), default=str))
 
@@ -219,7 +259,7 @@ def sweep(
         help="YAML list of settings, e.g. [{label: rloo, ppo.backend: rloo}]; default: no KL, two fixed, two adaptive")] = None,
 ) -> None:
     """Train at several KL settings and chart the reward-hacking frontier (the `kl_sweep` flow)."""
-    cfg = _load(config, set_)
+    cfg = _checked(config, set_)
     points = None
     if settings is not None:
         import yaml
@@ -233,6 +273,7 @@ def sweep(
     from detoxflow.tasks.sweep import resolve_settings
 
     resolve_settings(cfg, points)  # a bad setting fails here, before Prefect and MLflow start
+    _quiet_prefect()
     out.print_json(json.dumps(kl_sweep(cfg, points), default=str))
 
 
@@ -242,14 +283,33 @@ def generate(
     model: Annotated[str, typer.Option(help="models:/NAME@champion, runs:/..., or a model artifact directory")],
     max_new_tokens: int = 48,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    truncation: Annotated[str, typer.Option(
+        help=f"a prompt over {GENERATE_MAX_QUERY_TOKENS} tokens: keep_instruction (cut its middle, keep its start "
+        "and its closing 'Summary:') or refuse")] = "keep_instruction",
 ) -> None:
-    """Generate with a registered (or local) model."""
-    from detoxflow.config import GenerationConfig
+    """Generate with a registered (or local) model; reads the store, creates nothing."""
+    from pydantic import ValidationError
+
+    from detoxflow.config import DataConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample)
+    except ValidationError as e:
+        raise UserError(f"generate --max-new-tokens {max_new_tokens}: {errors.one_line(e)}") from None
+    try:
+        data_cfg = DataConfig(max_query_tokens=GENERATE_MAX_QUERY_TOKENS, truncation=truncation)  # type: ignore[arg-type]
+    except ValidationError:
+        raise UserError(f"generate --truncation {truncation}: use keep_instruction or refuse") from None
+    preflight.check_model_uri(model, None)
+    preflight.check_tracking(None)
+    from detoxflow.models.prompts import check_lengths, template_tail
     from detoxflow.tracking import load_model
 
     policy = load_model(model)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample)
-    for text in policy.generate_texts(list(prompt), gen):
+    prompts = list(prompt)
+    check_lengths(policy.tokenizer, prompts, [f"prompt {i + 1}" for i in range(len(prompts))], data_cfg, "generate")
+    for text in policy.generate_texts(prompts, gen, max_query_tokens=GENERATE_MAX_QUERY_TOKENS,
+                                      tail=template_tail(data_cfg.prompt_template)):
         out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -286,9 +346,16 @@ def main() -> None:
     _setup_env()
     try:
         app()
-    except _user_errors() as e:
-        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
-        sys.exit(2)
+    except Exception as e:
+        code = errors.exit_code(e)
+        if code is None:
+            raise  # a bug: its traceback, exit 1
+        if _state["debug"]:
+            traceback.print_exc()
+        if _state.get("flow_started"):
+            console.file.write("\n")  # a progress bar may have left its line open
+        console.print(f"[bold red]error:[/bold red] {escape(errors.one_line(e))}", highlight=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ class DataConfig(_Section):
     min_dialogue_chars: int = Field(0, ge=0)
     max_dialogue_chars: int = Field(100_000, ge=1)
     max_query_tokens: int = Field(256, ge=8, le=8192)
+    truncation: Literal["keep_instruction", "refuse"] = Field(
+        "keep_instruction",
+        description="a prompt over max_query_tokens: 'keep_instruction' cuts the dialogue and keeps the template "
+        "around it (e.g. the trailing 'Summary:'), logged with counts; 'refuse' stops, naming the record",
+    )
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(64, ge=1)
 

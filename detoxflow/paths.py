@@ -26,14 +26,17 @@ def cache_dir() -> Path:
     return path
 
 
-def work_dir(configured: str | os.PathLike[str]) -> Path:
+def work_dir(configured: str | os.PathLike[str], *, create: bool = True) -> Path:
+    """``$DETOXFLOW_WORK_DIR``, else ``configured``, resolved; made when ``create``."""
     path = Path(os.environ.get("DETOXFLOW_WORK_DIR", configured)).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def tracking_uri(cfg: Config | None = None) -> str:
-    """``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<work_dir>/mlflow.db``."""
+def tracking_uri(cfg: Config | None = None, *, create: bool = True) -> str:
+    """``cfg.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<work_dir>/mlflow.db`` (with
+    ``create=False`` the work dir is not made: for a command that only reads)."""
     if cfg is not None and cfg.tracking.uri:
         return cfg.tracking.uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -43,5 +46,5 @@ def tracking_uri(cfg: Config | None = None) -> str:
         from detoxflow.config import Config
 
         cfg = Config()
-    wd = work_dir(cfg.work_dir)
+    wd = work_dir(cfg.work_dir, create=create)
     return f"sqlite:///{wd / 'mlflow.db'}"

@@ -180,9 +180,18 @@ def _read_file(cfg: DataConfig, path: Path) -> list[Record]:
     return records
 
 
+def _not_utf8(path: Path, line_no: int, raw: bytes, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}, line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                     "save the file as UTF-8")
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, line_no, raw, e) from None
             if not line.strip():
                 continue
             try:
@@ -192,6 +201,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):  # name the line of a byte that is not UTF-8 before parsing
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, line_no, raw, e) from None
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         start = 2  # line 1 is the header

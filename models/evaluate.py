@@ -43,8 +43,11 @@ class _Policy(Protocol):
     """The part of :class:`detoxflow.models.policy.Policy` that evaluation uses."""
 
     device: torch.device
+    tokenizer: Any
 
-    def encode_queries(self, prompts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def encode_queries(
+        self, prompts: Sequence[str], max_tokens: int, tail: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def generate(
         self, query_ids: torch.Tensor, query_mask: torch.Tensor, gen_cfg: GenerationConfig
@@ -222,12 +225,15 @@ def evaluate(
     """
     from detoxflow.models.data import build_prompt
     from detoxflow.models.data import split_digest as compute_digest
+    from detoxflow.models.prompts import check_lengths, template_tail
 
     if not records:
         raise EvaluationError("evaluate: no records to evaluate; check data.eval_split and data.max_eval_samples")
     ref = ref_policy if ref_policy is not None else policy
     digest = split_digest if split_digest is not None else compute_digest(records)
     prompts = [build_prompt(cfg.data.prompt_template, r) for r in records]
+    check_lengths(policy.tokenizer, prompts, [r.id for r in records], cfg.data, "evaluation")
+    tail = template_tail(cfg.data.prompt_template)
     references = [r.summary for r in records]
     k = cfg.eval.k_samples
     bs = cfg.eval.batch_size
@@ -247,7 +253,7 @@ def evaluate(
         for b in range(n_primary):
             batch = prompts[b * bs : (b + 1) * bs]
             torch.manual_seed(cfg.seed + b)  # only matters when eval.greedy is false
-            query_ids, query_mask = policy.encode_queries(batch, cfg.data.max_query_tokens)
+            query_ids, query_mask = policy.encode_queries(batch, cfg.data.max_query_tokens, tail)
             response_ids, response_mask = policy.generate(query_ids, query_mask, primary_cfg)
             texts = policy.decode(response_ids, response_mask)
             ref_lp = ref.ref_logprobs(query_ids, query_mask, response_ids, response_mask)
@@ -262,7 +268,7 @@ def evaluate(
         for c in range(n_sampled):
             batch = prompts[c * per_chunk : (c + 1) * per_chunk]
             torch.manual_seed(cfg.seed + 1_000_003 + c)  # a stream apart from the primary batches
-            query_ids, query_mask = policy.encode_queries(batch, cfg.data.max_query_tokens)
+            query_ids, query_mask = policy.encode_queries(batch, cfg.data.max_query_tokens, tail)
             query_ids, query_mask = query_ids.repeat_interleave(k, dim=0), query_mask.repeat_interleave(k, dim=0)
             response_ids, response_mask = policy.generate(query_ids, query_mask, sampled_cfg)
             texts = policy.decode(response_ids, response_mask)

@@ -28,6 +28,7 @@ from torch import nn
 
 from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
 from detoxflow.models import artifact, sampling
+from detoxflow.models import prompts as prompts_mod
 from detoxflow.models.artifact import ARTIFACT_META, PolicyError
 from detoxflow.models.fastpath.common import base_dropouts
 from detoxflow.models.ppo import entropy_from_logits, logprobs_from_logits
@@ -158,9 +159,16 @@ class Policy:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def encode_queries(self, prompts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_queries(
+        self, prompts: Sequence[str], max_tokens: int, tail: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise prompts: ``-> query_ids (B, Tq), query_mask (B, Tq)``; right-padded for seq2seq, left for causal
-        (so that every causal row ends where its response starts)."""
+        (so that every causal row ends where its response starts). ``tail``: a prompt over ``max_tokens`` keeps
+        its start and the tokens of ``tail`` at its end, cutting the middle (``detoxflow.models.prompts``); None:
+        the tokenizer's own truncation side."""
+        if tail is not None:
+            enc = prompts_mod.encode(self.tokenizer, prompts, max_tokens, tail)
+            return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         enc = self.tokenizer(
             list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
             return_token_type_ids=False,
@@ -225,12 +233,13 @@ class Policy:
                        use_cache=True, output_hidden_states=True)
 
     def generate_texts(
-        self, prompts: Sequence[str], gen_cfg: GenerationConfig, batch_size: int = 16, max_query_tokens: int = 512
+        self, prompts: Sequence[str], gen_cfg: GenerationConfig, batch_size: int = 16, max_query_tokens: int = 512,
+        tail: str | None = None,
     ) -> list[str]:
-        """Prompts in, decoded responses out, in order; for evaluation and the CLI."""
+        """Prompts in, decoded responses out, in order; for evaluation and the CLI (``tail``: see encode_queries)."""
         texts: list[str] = []
         for i in range(0, len(prompts), batch_size):
-            q, qm = self.encode_queries(prompts[i : i + batch_size], max_query_tokens)
+            q, qm = self.encode_queries(prompts[i : i + batch_size], max_query_tokens, tail)
             r, rm = self.generate(q, qm, gen_cfg)
             texts.extend(self.decode(r, rm))
         return texts

@@ -295,7 +295,11 @@ class CallableScorer:
             return _empty()
         parts = []
         for batch in _batches(texts, self.batch_size):
-            out = self.fn(batch)
+            try:
+                out = self.fn(batch)
+            except Exception as e:  # noqa: BLE001 — the user's scorer: any failure is named, not a bare traceback
+                raise RewardError(f"scorer '{self.name}' raised {type(e).__name__}: {e}. Fix the scorer (it is "
+                                  "called with a list of texts and returns one toxicity probability per text)") from e
             try:
                 values = torch.as_tensor(out if isinstance(out, torch.Tensor) else list(out), dtype=torch.float32)
             except (TypeError, ValueError) as e:

@@ -42,6 +42,7 @@ from detoxflow.models.checkpoint import (
     save_checkpoint,
 )
 from detoxflow.models.policy import Policy
+from detoxflow.models.prompts import template_tail
 from detoxflow.models.reward import Scorer, guarded_scores, scorer_input
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def ppo_step(
     idx = distributed.shard(batch_indices(len(prompts), pc.batch_size * dist.world_size, step, cfg.seed),
                             dist.rank, dist.world_size)
     batch_prompts = [prompts[i] for i in idx]
-    query_ids, query_mask = policy.encode_queries(batch_prompts, cfg.data.max_query_tokens)
+    query_ids, query_mask = policy.encode_queries(batch_prompts, cfg.data.max_query_tokens,
+                                                  template_tail(cfg.data.prompt_template))
 
     # 2. generate responses with the current policy (adapter on, KV cache, no grad); the same decoder passes give
     #    the old logprobs, values and entropy of the sampled tokens, so no second no-grad forward is needed

@@ -30,6 +30,7 @@ from detoxflow.config import Config, ConfigError
 from detoxflow.models import distributed, plots, trainer
 from detoxflow.models.data import DataError, build_prompt, load_split, split_digest
 from detoxflow.models.policy import Policy, PolicyError
+from detoxflow.models.prompts import check_lengths
 from detoxflow.models.reward import RewardError, build_scorer
 from detoxflow.paths import PROJECT_ROOT, work_dir
 from detoxflow.tasks.reporting import TrainingProgress
@@ -156,6 +157,7 @@ def train_and_log(
     # this process) and a warm one (baseline cached) trained from different adapters with the same seed.
     torch.manual_seed(cfg.seed)
     policy = Policy.load(cfg.model, cfg.lora)
+    check_lengths(policy.tokenizer, prompts, [r.id for r in records], cfg.data, f"split '{cfg.data.train_split}'")
     scorer = build_scorer(cfg.reward)
     out_dir = train_dir(cfg, work_key)
     log_step: trainer.LogFn = _no_log

@@ -27,12 +27,14 @@ from detoxflow.tracking.backend import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_CHARS,
     MAX_PARAMS_PER_BATCH,
+    MAX_VERSION_TAG_CHARS,
     TAG_STAGE,
     TRUNCATED,
     TrackingError,
     _client,
     is_server,
     run_id_or_active,
+    set_tags,
     setup,
 )
 from detoxflow.tracking.lineage import run_tags
@@ -112,7 +114,23 @@ def parent_run(
         log_params(config_params(cfg), rid)
         log_config(cfg, "config.yaml", rid)
         log.info("MLflow run %s (%s): %s", rid, run_name or cfg.name, run_url(rid, exp_id))
-        yield rid
+        with _failure_tagged(rid):
+            yield rid
+
+
+TAG_FAILURE = "detoxflow.failure"  # on a FAILED run: the error that failed it, one line
+
+
+@contextlib.contextmanager
+def _failure_tagged(run_id: str) -> Iterator[None]:
+    """Tag the run with the error that escapes the block (the run then ends FAILED); the error goes on."""
+    try:
+        yield
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        with contextlib.suppress(Exception):  # a store that cannot take the tag must not mask the error
+            set_tags({TAG_FAILURE: reason[:MAX_VERSION_TAG_CHARS]}, run_id=run_id)
+        raise
 
 
 def run_url(run_id: str, experiment_id: str) -> str:
@@ -198,7 +216,7 @@ def child_run(
         ctx = mlflow.start_run(
             experiment_id=parent_info.experiment_id, run_name=stage, parent_run_id=parent, nested=True, tags=all_tags
         )
-    with ctx as run:
+    with ctx as run, _failure_tagged(run.info.run_id):
         yield run.info.run_id
 
 

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from detoxflow import paths
 from detoxflow.atomic import publish
+from detoxflow.locks import sqlite_path
 from detoxflow.tracking.backend import TrackingError, _client
 
 if TYPE_CHECKING:
@@ -102,8 +103,13 @@ def fetch_model(uri: str, tracking_uri: str | None = None) -> Path:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     elif not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
-        # the same default store a local `detoxflow run` writes to
-        mlflow.set_tracking_uri(paths.tracking_uri(None))
+        # the same default store a local `detoxflow run` writes to; reading it creates nothing
+        default = paths.tracking_uri(None, create=False)
+        db = sqlite_path(default)
+        if db is not None and not db.is_file():
+            raise TrackingError(f"model '{uri}': no tracking store here ({db} does not exist). Run the pipeline "
+                                "first, or set MLFLOW_TRACKING_URI to the store that holds the registry")
+        mlflow.set_tracking_uri(default)
     store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:12]
     if uri.startswith("models:/"):
         name, version, source = resolve_model_uri(uri)
