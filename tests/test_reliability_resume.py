@@ -1,0 +1,158 @@
+"""Reliability: checkpoints that prove themselves, and a killed `detoxflow train` / `run` that resumes from the
+command line (issue 17, rows 1, 2 and 9 of its table; docs/reliability.md).
+
+Kills land at named points (``DETOXFLOW_FAULT=after:<point>``, detoxflow/faults.py), never by timing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from detoxflow.config import Config, load_config
+from detoxflow.models import checkpoint as ckpt
+from detoxflow.models.policy import Policy
+from detoxflow.models.reward import ScoreResult
+from detoxflow.models.trainer import train
+
+PROMPTS = [f"person one says the order {i} arrived late and the manager {w}" for i, w in
+           enumerate(["agrees", "says thanks", "asks", "tells the doctor", "wants a refund", "is lovely"])]
+
+
+class WordScorer:
+    """Stand-in reward: toxicity = share of words that are insults."""
+
+    name = "word-stub"
+
+    def score(self, texts):
+        tox = torch.tensor([sum(w in ("idiot", "stupid") for w in t.split()) / max(len(t.split()), 1) for t in texts])
+        return ScoreResult(1.0 - tox, tox)
+
+
+def make_cfg(tiny_models: dict[str, Path], *overrides: str) -> Config:
+    return load_config(None, [
+        f"model.name_or_path={tiny_models['gpt2']}", "lora.r=4", "lora.alpha=8",
+        "generation.max_new_tokens=6", "generation.min_new_tokens=1",
+        "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.learning_rate=0.01", "ppo.ppo_epochs=1",
+        "ppo.target_approx_kl=null", *overrides,
+    ])
+
+
+def fresh_policy(cfg: Config) -> Policy:
+    torch.manual_seed(123)
+    return Policy.load(cfg.model, cfg.lora)
+
+
+def weights(policy: Policy) -> dict[str, torch.Tensor]:
+    state = policy.trainable_state_dict()
+    return {**{f"a.{k}": v for k, v in state["adapter"].items()}, **{f"v.{k}": v for k, v in state["value_head"].items()}}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------- item 3: checkpoints
+
+
+def test_checkpoint_has_a_manifest_written_last_and_is_flushed_before_the_rename(tiny_models, tmp_path, monkeypatch):
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    cfg = make_cfg(tiny_models, "ppo.steps=1")
+    train(cfg, fresh_policy(cfg), WordScorer(), PROMPTS, tmp_path, lambda m, s: None)
+    step = tmp_path / "checkpoints" / "step-1"
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["meta.json", "state.pt"]
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (step / name).stat().st_size, "sha256": sha(step / name)}
+    # every file and the folder reached the disk under the temporary name, then the parent (the rename)
+    tmp_names = [p for p in flushed if "/.step-1.tmp-" in p]
+    assert {Path(p).name for p in tmp_names} >= {"state.pt", "meta.json", "manifest.json"}
+    assert any(Path(p).name.startswith(".step-1.tmp-") for p in tmp_names)  # the folder itself
+    assert str(tmp_path / "checkpoints") in flushed[flushed.index(tmp_names[-1]):]
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_one_warning(tiny_models, tmp_path, caplog):
+    """Row 2: the newest checkpoint's state.pt truncated; resuming uses the previous one and ends with the
+    weights an uninterrupted run reaches."""
+    cfg = make_cfg(tiny_models, "ppo.steps=3", "ppo.checkpoint_every=1")
+    straight = fresh_policy(cfg)
+    train(cfg, straight, WordScorer(), PROMPTS, tmp_path / "straight", lambda m, s: None)
+
+    run = tmp_path / "run"
+    train(cfg, fresh_policy(cfg), WordScorer(), PROMPTS, run, lambda m, s: None)
+    damaged = run / "checkpoints" / "step-3"
+    state = damaged / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    steps: list[int] = []
+    resumed = fresh_policy(cfg)
+    with caplog.at_level(logging.WARNING):
+        train(cfg, resumed, WordScorer(), PROMPTS, run, lambda m, s: steps.append(s))
+    assert steps == [3]  # resumed from step-2, trained step 3 again
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "checkpoint" in r.getMessage()]
+    assert len(warnings) == 1 and str(damaged) in warnings[0], warnings
+    assert max_abs_diff(weights(straight), weights(resumed)) == 0.0
+    assert ckpt.checkpoint_problem(damaged) is None  # step 3 was written again, whole
+
+
+def test_missing_file_and_checkpoints_without_a_manifest(tiny_models, tmp_path):
+    cfg = make_cfg(tiny_models, "ppo.steps=2", "ppo.checkpoint_every=1")
+    train(cfg, fresh_policy(cfg), WordScorer(), PROMPTS, tmp_path, lambda m, s: None)
+    root = tmp_path / "checkpoints"
+    (root / "step-2" / "meta.json").unlink()
+    assert ckpt.checkpoint_problem(root / "step-2") == "meta.json is missing"
+    assert ckpt.latest_checkpoint(root) == root / "step-1"
+    # a checkpoint written before manifests existed still loads: extend the run from it
+    (root / "step-1" / "manifest.json").unlink()
+    longer = make_cfg(tiny_models, "ppo.steps=3", "ppo.checkpoint_every=1")
+    steps: list[int] = []
+    train(longer, fresh_policy(longer), WordScorer(), PROMPTS, tmp_path, lambda m, s: steps.append(s))
+    assert steps == [2, 3]
+
+
+def test_disk_full_while_saving_names_the_path_and_keeps_the_last_good_checkpoint(tiny_models, tmp_path, monkeypatch):
+    """Row 9: the disk fills up half-way through writing step-2's state.pt."""
+    cfg = make_cfg(tiny_models, "ppo.steps=3", "ppo.checkpoint_every=1")
+    root = tmp_path / "checkpoints"
+    real_write = os.write
+
+    def filling_write(fd: int, data) -> int:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if "/.step-2.tmp-" in target and target.endswith("state.pt"):
+            if os.fstat(fd).st_size > 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_write)
+    good = None
+    with pytest.raises(ckpt.DiskFullError) as info:
+        train(cfg, fresh_policy(cfg), WordScorer(), PROMPTS, tmp_path, lambda m, s: None)
+    message = str(info.value)
+    assert message.startswith(f"disk full at {root / 'step-2'}") and "\n" not in message
+    assert isinstance(info.value, ckpt.TrainingError)
+    assert sorted(p.name for p in root.iterdir()) == ["step-1"]  # no half-written folder left behind
+    good = sha(root / "step-1" / "state.pt")
+    monkeypatch.setattr(os, "write", real_write)
+    steps: list[int] = []
+    train(cfg, fresh_policy(cfg), WordScorer(), PROMPTS, tmp_path, lambda m, s: steps.append(s))
+    assert steps == [2, 3] and good is not None
