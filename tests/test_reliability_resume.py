@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,123 @@ def test_disk_full_while_saving_names_the_path_and_keeps_the_last_good_checkpoin
     steps: list[int] = []
     train(cfg, fresh_policy(cfg), WordScorer(), PROMPTS, tmp_path, lambda m, s: steps.append(s))
     assert steps == [2, 3] and good is not None
+
+
+# --------------------------------------------------------------------------- item 1: resume from the CLI
+
+PROJECT = Path(__file__).resolve().parent.parent
+SMALL = [
+    "ppo.steps=5", "ppo.checkpoint_every=2", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+    "generation.max_new_tokens=8", "data.max_train_samples=16", "data.max_eval_samples=8", "model.num_threads=1",
+    "eval.k_samples=1", "eval.bootstrap_samples=100",
+]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_harness) -> str:
+    """The session's Prefect API, shared by the CLI subprocesses (each would otherwise start its own server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def detoxflow(command: str, work: Path, api: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``detoxflow <command>`` on the embedded default with a few small steps, in ``work`` (its own work dir and
+    SQLite store)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DETOXFLOW_FAULT", "MLFLOW_TRACKING_URI")}
+    env |= {"PREFECT_API_URL": api, "DETOXFLOW_LEASE_S": "600"}
+    if fault:
+        env["DETOXFLOW_FAULT"] = fault
+    sets = [a for s in (*SMALL, f"work_dir={work}") for a in ("--set", s)]
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "detoxflow.cli", command, "-c", str(PROJECT / "configs" / "default.yaml"), *sets, *extra]
+    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+
+
+def store(work: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+
+
+def all_runs(work: Path) -> list:
+    cli = store(work)
+    return cli.search_runs([e.experiment_id for e in cli.search_experiments()])
+
+
+def adapter(work: Path, run_id: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(work / "runs" / run_id / "train" / "model" / "adapter" / "adapter_model.safetensors")
+
+
+def test_killed_train_resumes_from_the_command_line(tmp_path, prefect_api):
+    """Row 1: `detoxflow train` killed after step 3 (checkpoint step-2 on disk), then the same command again."""
+    straight = detoxflow("train", tmp_path / "straight", prefect_api)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_id = json.loads(straight.stdout)["run_id"]
+
+    work = tmp_path / "killed"
+    killed = detoxflow("train", work, prefect_api, fault="after:step:3")
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    (run,) = all_runs(work)
+    assert run.info.status == "RUNNING"
+    assert sorted(m.step for m in store(work).get_metric_history(run.info.run_id, "objective/scores")) == [1, 2, 3]
+
+    again = detoxflow("train", work, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming run {run.info.run_id} from step 2 of 5" in again.stderr.splitlines()
+    assert json.loads(again.stdout)["run_id"] == run.info.run_id
+    (done,) = all_runs(work)  # one run, finished, every step logged once
+    assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
+    for key in ("objective/scores", "objective/kl", "loss/policy"):
+        assert sorted(m.step for m in store(work).get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5], key
+    assert max_abs_diff(adapter(tmp_path / "straight", straight_id), adapter(work, run.info.run_id)) == 0.0
+
+
+def test_alive_lease_lock_and_fresh(tmp_path, prefect_api):
+    """A run alive on another host is not resumed; a second command on a held lock says who holds it; --fresh
+    starts over and marks the abandoned run FAILED with the reason."""
+    from detoxflow.locks import command_lock
+    from detoxflow.tracking import TAG_ABANDONED, TAG_LEASE_HOLDER, TAG_LEASE_UNTIL
+
+    work = tmp_path / "w"
+    killed = detoxflow("train", work, prefect_api, fault="after:checkpoint:2")
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    (run,) = all_runs(work)
+    rid = run.info.run_id
+    # as if that run were training on another machine right now: its lease (600 s) has not run out
+    store(work).set_tag(rid, TAG_LEASE_HOLDER, json.dumps({"host": "gpu-7", "pid": 4242, "work_dir": "/elsewhere"}))
+    alive = detoxflow("train", work, prefect_api)
+    assert alive.returncode == 2, alive.stderr[-3000:]
+    last = alive.stderr.strip().splitlines()[-1]
+    assert f"run {rid}" in last and "alive" in last and "gpu-7" in last and "Traceback" not in alive.stderr
+    assert [(r.info.run_id, r.info.status) for r in all_runs(work)] == [(rid, "RUNNING")]
+
+    (lock_path,) = (work / "locks").glob("train-*.lock")
+    with command_lock(lock_path, {"host": "this-host", "pid": os.getpid(), "run_id": "r-123"}):
+        held = detoxflow("train", work, prefect_api)
+    assert held.returncode == 2, held.stderr[-3000:]
+    last = held.stderr.strip().splitlines()[-1]
+    assert f"pid {os.getpid()}" in last and "this-host" in last and "r-123" in last
+
+    store(work).set_tag(rid, TAG_LEASE_UNTIL, "1")  # the other machine died: its lease ran out long ago
+    fresh = detoxflow("train", work, prefect_api, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resuming" not in fresh.stderr
+    runs = {r.info.run_id: r for r in all_runs(work)}
+    new_id = json.loads(fresh.stdout)["run_id"]
+    assert set(runs) == {rid, new_id} and runs[new_id].info.status == "FINISHED"
+    assert runs[rid].info.status == "FAILED" and runs[rid].data.tags[TAG_ABANDONED].startswith("abandoned")
+
+
+def test_lease_liveness_is_the_heartbeat_not_the_pid():
+    from detoxflow.tracking import UnfinishedRun
+
+    me = {"host": "a", "pid": 1, "work_dir": "/w"}
+    other = {"host": "b", "pid": 1, "work_dir": "/w"}
+    assert UnfinishedRun("r", "RUNNING", 200.0, other).alive(me, now=100.0)
+    assert not UnfinishedRun("r", "RUNNING", 50.0, other).alive(me, now=100.0)  # lease ran out
+    assert not UnfinishedRun("r", "FAILED", 200.0, other).alive(me, now=100.0)  # ended
+    # the holder was this host and work dir, whose lock the caller now holds: it is gone, whatever its lease says
+    assert not UnfinishedRun("r", "RUNNING", 200.0, {**me, "pid": 999}).alive(me, now=100.0)
