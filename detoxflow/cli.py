@@ -159,7 +159,7 @@ def run(
 
     with resumable(cfg, "pipeline", fresh=fresh, run_id=resume) as plan:
         if plan.message:
-            console.print(plan.message, markup=False, highlight=False)
+            console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
         summary = pipeline(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
     out.print_json(json.dumps(summary, default=str))
     console.print(f"[bold]{escape(summary['headline'])}[/bold]", highlight=False)
@@ -193,7 +193,7 @@ def train(
 
     with resumable(cfg, "train", fresh=fresh, run_id=resume) as plan:
         if plan.message:
-            console.print(plan.message, markup=False, highlight=False)
+            console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
         result = train_flow(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
     out.print_json(json.dumps(result, default=str))
 

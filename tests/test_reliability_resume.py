@@ -191,6 +191,11 @@ def detoxflow(command: str, work: Path, api: str, *extra: str, fault: str | None
     return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
 
 
+def error_message(stderr: str) -> str:
+    """The CLI's error message (the console may wrap it to the terminal's width), as one line."""
+    return " ".join(stderr[stderr.rindex("error:"):].split())
+
+
 def store(work: Path):
     from mlflow import MlflowClient
 
@@ -247,7 +252,7 @@ def test_alive_lease_lock_and_fresh(tmp_path, prefect_api):
     store(work).set_tag(rid, TAG_LEASE_HOLDER, json.dumps({"host": "gpu-7", "pid": 4242, "work_dir": "/elsewhere"}))
     alive = detoxflow("train", work, prefect_api)
     assert alive.returncode == 2, alive.stderr[-3000:]
-    last = alive.stderr.strip().splitlines()[-1]
+    last = error_message(alive.stderr)
     assert f"run {rid}" in last and "alive" in last and "gpu-7" in last and "Traceback" not in alive.stderr
     assert [(r.info.run_id, r.info.status) for r in all_runs(work)] == [(rid, "RUNNING")]
 
@@ -255,7 +260,7 @@ def test_alive_lease_lock_and_fresh(tmp_path, prefect_api):
     with command_lock(lock_path, {"host": "this-host", "pid": os.getpid(), "run_id": "r-123"}):
         held = detoxflow("train", work, prefect_api)
     assert held.returncode == 2, held.stderr[-3000:]
-    last = held.stderr.strip().splitlines()[-1]
+    last = error_message(held.stderr)
     assert f"pid {os.getpid()}" in last and "this-host" in last and "r-123" in last
 
     store(work).set_tag(rid, TAG_LEASE_UNTIL, "1")  # the other machine died: its lease ran out long ago
