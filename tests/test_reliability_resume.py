@@ -213,6 +213,7 @@ def adapter(work: Path, run_id: str) -> dict[str, torch.Tensor]:
     return load_file(work / "runs" / run_id / "train" / "model" / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_killed_train_resumes_from_the_command_line(tmp_path, prefect_api):
     """Row 1: `detoxflow train` killed after step 3 (checkpoint step-2 on disk), then the same command again."""
     straight = detoxflow("train", tmp_path / "straight", prefect_api)
@@ -237,6 +238,7 @@ def test_killed_train_resumes_from_the_command_line(tmp_path, prefect_api):
     assert max_abs_diff(adapter(tmp_path / "straight", straight_id), adapter(work, run.info.run_id)) == 0.0
 
 
+@pytest.mark.slow
 def test_alive_lease_lock_and_fresh(tmp_path, prefect_api):
     """A run alive on another host is not resumed; a second command on a held lock says who holds it; --fresh
     starts over and marks the abandoned run FAILED with the reason."""
