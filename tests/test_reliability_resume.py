@@ -285,3 +285,24 @@ def test_lease_liveness_is_the_heartbeat_not_the_pid():
     assert not UnfinishedRun("r", "FAILED", 200.0, other).alive(me, now=100.0)  # ended
     # the holder was this host and work dir, whose lock the caller now holds: it is gone, whatever its lease says
     assert not UnfinishedRun("r", "RUNNING", 200.0, {**me, "pid": 999}).alive(me, now=100.0)
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_from_the_command_line(tmp_path, prefect_api):
+    """Row 1 for `detoxflow run`: killed in training after step 3, then the same command again."""
+    work = tmp_path / "p"
+    killed = detoxflow("run", work, prefect_api, fault="after:step:3")
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    (parent,) = [r for r in all_runs(work) if "mlflow.parentRunId" not in r.data.tags]
+
+    again = detoxflow("run", work, prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming run {parent.info.run_id} from step 2 of 5" in again.stderr.splitlines()
+    runs = all_runs(work)
+    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [parent.info.run_id]
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the parent and every stage's run
+    (train_run,) = [r for r in runs if r.data.tags.get("detoxflow.stage") == "train"]
+    steps = sorted(m.step for m in store(work).get_metric_history(train_run.info.run_id, "objective/scores"))
+    assert steps == [1, 2, 3, 4, 5]
+    summary = json.loads(again.stdout)
+    assert summary["mlflow"]["parent_run_id"] == parent.info.run_id
