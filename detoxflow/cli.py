@@ -154,13 +154,16 @@ def run(
     run of the same config and data is resumed from its newest checkpoint (--fresh: start over)."""
     _check_resume_options(fresh, resume)
     cfg = _load(config, set_)
-    from detoxflow.flows.pipeline import pipeline
-    from detoxflow.tasks.resume import resumable
+    from detoxflow.children import prefect_server
 
-    with resumable(cfg, "pipeline", fresh=fresh, run_id=resume) as plan:
-        if plan.message:
-            console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
-        summary = pipeline(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
+    with prefect_server():  # before Prefect is imported: it reads PREFECT_API_URL once
+        from detoxflow.flows.pipeline import pipeline
+        from detoxflow.tasks.resume import resumable
+
+        with resumable(cfg, "pipeline", fresh=fresh, run_id=resume) as plan:
+            if plan.message:
+                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+            summary = pipeline(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
     out.print_json(json.dumps(summary, default=str))
     console.print(f"[bold]{escape(summary['headline'])}[/bold]", highlight=False)
 
@@ -188,13 +191,16 @@ def train(
     overrides = [*(set_ or []), *([f"orchestration.train_processes={num_processes}"] if num_processes else [])]
     _check_resume_options(fresh, resume)
     cfg = _load(config, overrides)
-    from detoxflow.flows.train import train_flow
-    from detoxflow.tasks.resume import resumable
+    from detoxflow.children import prefect_server
 
-    with resumable(cfg, "train", fresh=fresh, run_id=resume) as plan:
-        if plan.message:
-            console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
-        result = train_flow(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
+    with prefect_server():  # before Prefect is imported: it reads PREFECT_API_URL once
+        from detoxflow.flows.train import train_flow
+        from detoxflow.tasks.resume import resumable
+
+        with resumable(cfg, "train", fresh=fresh, run_id=resume) as plan:
+            if plan.message:
+                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+            result = train_flow(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
     out.print_json(json.dumps(result, default=str))
 
 

@@ -6,13 +6,16 @@ Kills land at named points (``DETOXFLOW_FAULT=after:<point>``, detoxflow/faults.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,8 +184,8 @@ def prefect_api(prefect_harness) -> str:
 def detoxflow(command: str, work: Path, api: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
     """``detoxflow <command>`` on the embedded default with a few small steps, in ``work`` (its own work dir and
     SQLite store)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DETOXFLOW_FAULT", "MLFLOW_TRACKING_URI")}
-    env |= {"PREFECT_API_URL": api, "DETOXFLOW_LEASE_S": "600"}
+    env = {k: v for k, v in os.environ.items() if k not in ("DETOXFLOW_FAULT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env |= {"DETOXFLOW_LEASE_S": "600"} | ({"PREFECT_API_URL": api} if api else {})
     if fault:
         env["DETOXFLOW_FAULT"] = fault
     sets = [a for s in (*SMALL, f"work_dir={work}") for a in ("--set", s)]
@@ -306,3 +309,84 @@ def test_killed_pipeline_resumes_from_the_command_line(tmp_path, prefect_api):
     assert steps == [1, 2, 3, 4, 5]
     summary = json.loads(again.stdout)
     assert summary["mlflow"]["parent_run_id"] == parent.info.run_id
+
+
+# --------------------------------------------------------------------------------- item 2: no orphans
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _orphans_of_mine() -> list[int]:
+    """Live processes whose parent is this (subreaper) process: what a dead child left behind. Zombies are reaped."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def subreaper():
+    """Make this process the subreaper of its descendants, so the orphans of a killed command become its children."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip("prctl(PR_SET_CHILD_SUBREAPER) is not available")
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _none_left_within(seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    left = _orphans_of_mine()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _orphans_of_mine()
+    return left
+
+
+def _start_train(work: Path, log: Path, fault: str | None = None) -> subprocess.Popen[bytes]:
+    """`detoxflow train` with no PREFECT_API_URL (it starts a server of its own); output to ``log``, not to a
+    pipe, which an orphan would hold open."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DETOXFLOW_FAULT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    if fault:
+        env["DETOXFLOW_FAULT"] = fault
+    work.mkdir(parents=True, exist_ok=True)
+    sets = [a for s in (*SMALL, f"work_dir={work}") for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "detoxflow.cli", "train", "-c", str(PROJECT / "configs" / "default.yaml"), *sets]
+    with log.open("wb") as fh:
+        return subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh)
+
+
+@pytest.mark.slow
+def test_no_child_outlives_a_killed_or_terminated_command(tmp_path, subreaper):
+    """Item 2: `detoxflow train` starts its own Prefect API server (no PREFECT_API_URL); killed with -9 at a named
+    point, or sent SIGTERM once its first checkpoint is written, it leaves no process behind 10 s later."""
+    assert _orphans_of_mine() == []
+    killed = _start_train(tmp_path / "k", tmp_path / "k.log", fault="after:step:1")
+    assert killed.wait(timeout=900) == 137, (tmp_path / "k.log").read_text()[-3000:]
+    assert _none_left_within(10) == []
+
+    log = tmp_path / "t.log"
+    proc = _start_train(tmp_path / "t", log)
+    try:
+        deadline = time.monotonic() + 900
+        # the point: the first checkpoint is on disk (the server is up, training runs)
+        while "detoxflow.models.checkpoint: checkpoint" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert _none_left_within(10) == []
