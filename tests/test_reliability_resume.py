@@ -343,13 +343,14 @@ def subreaper():
     libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
-def _none_left_within(seconds: float) -> list[int]:
+def _none_left_within(seconds: float, before: set[int]) -> list[int]:
+    """The processes (other than ``before``, e.g. this session's own Prefect server) still our children."""
     deadline = time.monotonic() + seconds
-    left = _orphans_of_mine()
+    left = set(_orphans_of_mine()) - before
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = _orphans_of_mine()
-    return left
+        left = set(_orphans_of_mine()) - before
+    return sorted(left)
 
 
 def _start_train(work: Path, log: Path, fault: str | None = None) -> subprocess.Popen[bytes]:
@@ -369,10 +370,10 @@ def _start_train(work: Path, log: Path, fault: str | None = None) -> subprocess.
 def test_no_child_outlives_a_killed_or_terminated_command(tmp_path, subreaper):
     """Item 2: `detoxflow train` starts its own Prefect API server (no PREFECT_API_URL); killed with -9 at a named
     point, or sent SIGTERM once its first checkpoint is written, it leaves no process behind 10 s later."""
-    assert _orphans_of_mine() == []
+    before = set(_orphans_of_mine())  # children this test session had already (a Prefect test server)
     killed = _start_train(tmp_path / "k", tmp_path / "k.log", fault="after:step:1")
     assert killed.wait(timeout=900) == 137, (tmp_path / "k.log").read_text()[-3000:]
-    assert _none_left_within(10) == []
+    assert _none_left_within(10, before) == []
 
     log = tmp_path / "t.log"
     proc = _start_train(tmp_path / "t", log)
@@ -389,4 +390,4 @@ def test_no_child_outlives_a_killed_or_terminated_command(tmp_path, subreaper):
             proc.kill()
             proc.wait()
     assert proc.returncode != 0
-    assert _none_left_within(10) == []
+    assert _none_left_within(10, before) == []
