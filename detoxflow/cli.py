@@ -36,6 +36,12 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override a field: --set ppo.steps=5 (repeatable)")
 ]
+FreshOpt = Annotated[
+    bool, typer.Option("--fresh", help="start a new run instead of resuming an unfinished one of this config and data")
+]
+ResumeOpt = Annotated[
+    str | None, typer.Option("--resume", metavar="RUN_ID", help="resume this unfinished MLflow run")
+]
 
 
 class UserError(errors.InputError):
@@ -166,15 +172,31 @@ def bootstrap(
         out.print(f"{a}: {ensure_embedded(a)}")
 
 
+def _check_resume_options(fresh: bool, resume: str | None) -> None:
+    if fresh and resume:
+        raise UserError("--fresh and --resume RUN_ID exclude each other: start over, or resume that run")
+
+
 @app.command()
-def run(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
-    """Run the whole pipeline (prepare -> baseline -> train -> evaluate -> gate) as a Prefect flow."""
+def run(
+    config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None, fresh: FreshOpt = False,
+    resume: ResumeOpt = None,
+) -> None:
+    """Run the whole pipeline (prepare -> baseline -> train -> evaluate -> gate) as a Prefect flow; an unfinished
+    run of the same config and data is resumed from its newest checkpoint (--fresh: start over)."""
+    _check_resume_options(fresh, resume)
     cfg = _checked(config, set_)
-    from detoxflow.flows.pipeline import pipeline
+    from detoxflow.children import prefect_server
 
-    _quiet_prefect()
+    with prefect_server():  # before Prefect is imported: it reads PREFECT_API_URL once
+        from detoxflow.flows.pipeline import pipeline
+        from detoxflow.tasks.resume import resumable
 
-    summary = pipeline(cfg)
+        _quiet_prefect()
+        with resumable(cfg, "pipeline", fresh=fresh, run_id=resume) as plan:
+            if plan.message:
+                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+            summary = pipeline(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
     out.print_json(json.dumps(summary, default=str))
     console.print(f"[bold]{escape(summary['headline'])}[/bold]", highlight=False)
 
@@ -188,8 +210,11 @@ def train(
         typer.Option("--num-processes", "-n", min=1,
                      help="data-parallel processes, started with accelerate launch (sets orchestration.train_processes)"),
     ] = None,
+    fresh: FreshOpt = False,
+    resume: ResumeOpt = None,
 ) -> None:
-    """Run PEFT-PPO training alone (the `train` flow), tracked in MLflow; resumes from the latest checkpoint."""
+    """Run PEFT-PPO training alone (the `train` flow), tracked in MLflow; an unfinished run of the same config and
+    data is resumed from its newest checkpoint (--fresh: start over)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every rank would start its own flow run and MLflow run; the flow launches the ranks itself instead
         raise UserError(
@@ -197,12 +222,19 @@ def train(
             "without accelerate launch / torchrun: it starts the N processes itself, and only rank 0 logs to MLflow"
         )
     overrides = [*(set_ or []), *([f"orchestration.train_processes={num_processes}"] if num_processes else [])]
+    _check_resume_options(fresh, resume)
     cfg = _checked(config, overrides)
-    from detoxflow.flows.train import train_flow
+    from detoxflow.children import prefect_server
 
-    _quiet_prefect()
+    with prefect_server():  # before Prefect is imported: it reads PREFECT_API_URL once
+        from detoxflow.flows.train import train_flow
+        from detoxflow.tasks.resume import resumable
 
-    result = train_flow(cfg)
+        _quiet_prefect()
+        with resumable(cfg, "train", fresh=fresh, run_id=resume) as plan:
+            if plan.message:
+                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+            result = train_flow(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
     out.print_json(json.dumps(result, default=str))
 
 

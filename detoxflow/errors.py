@@ -30,6 +30,9 @@ EXIT_CODES: dict[str, int] = {
     "detoxflow.models.data.DataError": BAD_INPUT,
     "detoxflow.models.reward.RewardError": BAD_INPUT,  # the reward raised, or returned NaN/inf: the user's scorer
     "detoxflow.models.checkpoint.TrainingError": BAD_INPUT,  # NaN/inf in training: settings (learning rate, reward)
+    "detoxflow.models.checkpoint.DiskFullError": ENVIRONMENT,
+    "detoxflow.models.checkpoint.DamagedCheckpointError": ENVIRONMENT,
+    "detoxflow.children.ServerStartError": ENVIRONMENT,  # the command's own Prefect server did not start
     "detoxflow.models.artifact.PolicyError": BAD_INPUT,
     "detoxflow.models.evaluate.EvaluationError": BAD_INPUT,
     "detoxflow.models.promotion.PromotionError": BAD_INPUT,

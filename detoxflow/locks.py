@@ -12,6 +12,10 @@ only 2 of 5 times. So the gate holds one of two locks:
   says so when the tracking URI is a remote server).
 
 Both are re-entrant within one thread, so ``register_model`` may take the lock inside a gate that holds it.
+
+:func:`command_lock` is the other lock here: a non-waiting ``flock`` in the work dir that a resumable command
+holds for its whole life (one command per fingerprint and work dir); the holder's host, pid and run id are in
+the lock file, so the second command can say who holds it.
 """
 
 from __future__ import annotations
@@ -204,3 +208,61 @@ def gate_lock(cfg: Config, timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[None]
     else:
         with file_lock(lock_file_path(cfg), name, timeout):
             yield
+
+
+class LockHeld(RuntimeError):
+    """Another process holds a command lock; ``holder`` is what it wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: dict[str, object]) -> None:
+        self.path = path
+        self.holder = holder
+        who = ", ".join(f"{k} {holder[k]}" for k in ("host", "pid", "run_id") if k in holder) or "an unknown process"
+        super().__init__(f"{path} is held by {who}")
+
+
+@contextlib.contextmanager
+def command_lock(path: Path, holder: dict[str, object]) -> Iterator[dict[str, object]]:
+    """Hold an exclusive ``flock`` on ``path`` without waiting, with ``holder`` (host, pid, ...) written into it;
+    raise :class:`LockHeld` naming the holder when another process has it. The kernel releases the lock when
+    the process dies (even by ``kill -9``). Yields the holder dict: entries added later (the run id) are
+    written with :func:`update_holder`."""
+    import fcntl
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                found = json.loads(path.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError):
+                found = {}
+            raise LockHeld(path, found) from None
+        info = dict(holder)
+        _write_holder(fd, info)
+        try:
+            yield info
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def update_holder(path: Path, info: dict[str, object]) -> None:
+    """Rewrite the holder of a lock this process holds (e.g. once the run id is known)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _write_holder(fd, info)
+    finally:
+        os.close(fd)
+
+
+def _write_holder(fd: int, info: dict[str, object]) -> None:
+    import json
+
+    data = json.dumps(info, sort_keys=True).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)

@@ -24,13 +24,16 @@ from detoxflow.tasks.training import run_train_deployment
 
 
 @flow(name="pipeline", description="Detoxify a language model: baseline, PEFT-PPO, evaluation, promotion gate.")
-def pipeline(cfg: Config) -> dict[str, Any]:
-    """Run every stage for ``cfg``; returns a summary (toxicity before/after, decision, version, timings)."""
+def pipeline(cfg: Config, resume_run_id: str | None = None, resume_key: str | None = None) -> dict[str, Any]:
+    """Run every stage for ``cfg``; returns a summary (toxicity before/after, decision, version, timings).
+
+    ``resume_run_id``: continue that unfinished pipeline run (its training resumes from its checkpoints);
+    ``resume_key``: the command's fingerprint (``detoxflow run`` finds and resumes runs by it)."""
     log = get_run_logger()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
-    with flow_run_record(cfg, cfg.name) as rec:
+    with flow_run_record(cfg, cfg.name, resume_run_id=resume_run_id, resume_key=resume_key) as rec:
         parent_id = rec.run_id
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
 

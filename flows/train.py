@@ -17,15 +17,21 @@ from detoxflow.tasks.training import log_train_result, train_ppo, train_run
 
 @flow(name="train", description="PEFT-PPO training with a KL-penalised reward; logs to MLflow, returns the model URI.")
 def train_flow(
-    cfg: Config, parent_run_id: str | None = None, expected_train_digest: str | None = None
+    cfg: Config,
+    parent_run_id: str | None = None,
+    expected_train_digest: str | None = None,
+    resume_run_id: str | None = None,
+    resume_key: str | None = None,
 ) -> dict[str, Any]:
     """Train and log the model to MLflow; returns small values (run id, ``runs:/`` model URI, summary).
 
     ``parent_run_id``: the pipeline's MLflow run; training then logs to a ``train`` child run of it (resuming
     an unfinished one on retry), and its checkpoints are keyed by the pipeline run. Without it, training gets
     its own top-level run. ``expected_train_digest``: the digest the pipeline's ``prepare_data`` computed;
-    a worker whose data differs fails instead of training on other prompts."""
-    with train_run(cfg, parent_run_id) as run_id:
+    a worker whose data differs fails instead of training on other prompts. ``resume_run_id`` / ``resume_key``:
+    standalone only, the unfinished run ``detoxflow train`` continues and the fingerprint it tags its run with
+    (detoxflow.tasks.resume)."""
+    with train_run(cfg, parent_run_id, resume_run_id=resume_run_id, resume_key=resume_key) as run_id:
         result = train_ppo(cfg, run_id, parent_run_id or run_id, expected_train_digest)
         # Team mode: the pipeline on another machine reads this back (Prefect results may not be shared).
         log_train_result(result, run_id)

@@ -1,8 +1,12 @@
 """Checkpoints of a PPO run: what a resumable run writes every ``ppo.checkpoint_every`` steps and reads back.
 
 ``out_dir/checkpoints/step-<n>/`` holds ``state.pt`` (step, fingerprint, adapter and value head, optimizer,
-scheduler, KL controller, RNG states, history) and ``meta.json`` (step, last metrics), written atomically; only
-the ``keep`` newest survive. A checkpoint is resumed only by a run with the same fingerprint
+scheduler, KL controller, RNG states, history), ``meta.json`` (step, last metrics) and, written last,
+``manifest.json`` (each file's size and sha256). The folder is built beside its place, its files and itself
+flushed to the disk, then renamed into place; only the ``keep`` newest survive. A checkpoint whose files do not
+match its manifest (truncated, missing) is skipped with a warning naming it, and the previous one is used; one
+written before manifests existed is trusted as it is. A full disk while saving raises :class:`DiskFullError`
+("disk full at <path>") and leaves the previous checkpoint as it was. A checkpoint is resumed only by a run with the same fingerprint
 (:func:`run_fingerprint`), and restoring its RNG states makes the resumed run reach the weights an uninterrupted
 one would. :class:`TrainingError` is defined here (the trainer re-exports it) because a checkpoint that does not
 fit the run is one of its causes.
@@ -10,7 +14,9 @@ fit the run is one of its causes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import random
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from detoxflow.atomic import atomic_dir
+from detoxflow.atomic import atomic_dir, write_bytes
 from detoxflow.config import Config
 from detoxflow.models import ppo as P
 
@@ -32,10 +38,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("detoxflow.models.trainer")  # the name users saw before the split
 
 CHECKPOINT_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite numbers, a checkpoint that does not fit); the message says what to do."""
+
+
+class DiskFullError(TrainingError):
+    """The disk filled up while a checkpoint was written (an environment error: free space, then rerun)."""
+
+
+class DamagedCheckpointError(TrainingError):
+    """A checkpoint file cannot be read and no manifest caught it (an environment error: delete it, rerun)."""
 
 
 def run_fingerprint(cfg: Config, prompts: Sequence[str], world_size: int = 1) -> str:
@@ -76,13 +91,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (temporary folders are never complete)."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be trusted (a file missing, of the wrong size or content), or
+    None when it matches its manifest. A folder without a manifest (written before manifests) is judged by the
+    presence of ``state.pt`` alone."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None if (path / CHECKPOINT_FILE).is_file() else f"{CHECKPOINT_FILE} is missing"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_FILE} is unreadable ({e})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, its manifest says {want['size']}"
+        if _sha256(f.read_bytes()) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    """Every ``step-<n>`` folder under ``root`` (temporary folders start with a dot), by step."""
     if not root.is_dir():
-        return None
-    found = [(int(p.name.split("-", 1)[1]), p) for p in root.iterdir()
-             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / CHECKPOINT_FILE).is_file()]
-    return max(found)[1] if found else None
+        return []
+    return sorted((int(p.name[5:]), p) for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def latest_checkpoint(root: Path, *, warn: bool = True) -> Path | None:
+    """The intact checkpoint with the highest step under ``root``; a damaged newer one is skipped with one
+    warning naming it (``warn=False``: silently, for a caller that only looks)."""
+    for _, path in reversed(_steps(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if warn:
+            logger.warning("skipping damaged checkpoint %s: %s; using the previous one", path, problem)
+    return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_checkpoint(
@@ -100,23 +153,39 @@ def save_checkpoint(
     """Write ``root/step-<step>`` atomically (temp folder + rename), then drop all but the ``keep`` newest."""
     root.mkdir(parents=True, exist_ok=True)
     dest = root / f"step-{step}"
-    with atomic_dir(dest) as tmp:
-        state = {
-            "step": step,
-            "fingerprint": fingerprint,
-            "trainable": policy.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "kl_controller": kl_ctl.state_dict(),
-            "rng": rng_state(),
-            "history": history,
-        }
-        if rng_states is not None:
-            state["rng_ranks"] = rng_states
-        torch.save(state, tmp / CHECKPOINT_FILE)
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "metrics": history[-1] if history else {}}, indent=2))
-    steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name[:5] == "step-" and p.name[5:].isdigit())
-    for _, old in steps[:-keep]:
+    state = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "trainable": policy.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "kl_controller": kl_ctl.state_dict(),
+        "rng": rng_state(),
+        "history": history,
+    }
+    if rng_states is not None:
+        state["rng_ranks"] = rng_states
+    # serialised in memory, then written with plain writes: a full disk is an OSError(ENOSPC) we can name,
+    # not torch's "unexpected pos" from inside its zip writer
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    contents = {
+        CHECKPOINT_FILE: buf.getvalue(),
+        "meta.json": json.dumps({"step": step, "metrics": history[-1] if history else {}}, indent=2).encode(),
+    }
+    try:
+        with atomic_dir(dest, fsync=True) as tmp:
+            for name, data in contents.items():
+                write_bytes(tmp / name, data)
+            manifest = {"step": step, "files": {n: {"size": len(d), "sha256": _sha256(d)} for n, d in contents.items()}}
+            write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())  # last: it vouches for the rest
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            previous = latest_checkpoint(root, warn=False)
+            kept = f"the last good checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise DiskFullError(f"disk full at {dest}: free space there and rerun to resume ({kept})") from None
+        raise
+    for _, old in _steps(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint %s", dest)
     return dest
@@ -132,7 +201,13 @@ def load_checkpoint(
     rank: int = 0,
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore everything :func:`save_checkpoint` wrote; returns (step, history)."""
-    state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a damaged checkpoint written before manifests
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpointError(
+            f"{path / CHECKPOINT_FILE} cannot be read ({first}); delete {path} to resume from the checkpoint before it"
+        ) from None
     if state["fingerprint"] != fingerprint:
         raise TrainingError(
             f"{path}: this checkpoint was written with other model/lora/reward/generation/ppo settings or prompts; "

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from detoxflow.config import Config, KLConfig
+from detoxflow.faults import fault_point
 from detoxflow.models import distributed, monitors
 from detoxflow.models import ppo as P
 from detoxflow.models.checkpoint import (
@@ -113,6 +114,7 @@ def train(
         history.append(metrics)
         if dist.is_main:
             log(metrics, step)
+        fault_point("step", step)  # DETOXFLOW_FAULT=after:step:<n>: killed once step n is logged
         if step % pc.checkpoint_every == 0 or step == pc.steps:
             # every rank's RNG state goes into rank 0's checkpoint, so a resumed rank goes on sampling its own way
             rng_states = dist.gather_object(rng_state()) if dist.enabled else None
@@ -121,6 +123,7 @@ def train(
                                          pc.keep_checkpoints, rng_states=rng_states)
             dist.barrier()
             latest = latest_checkpoint(ckpt_root) if dist.enabled else latest
+            fault_point("checkpoint", step)  # DETOXFLOW_FAULT=after:checkpoint:<n>: killed once step-n is on disk
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}",
                         tox=f"{metrics['objective/toxicity']:.3f}")
         bar.update()

@@ -58,14 +58,25 @@ class FlowRunRecord:
 
 @contextlib.contextmanager
 def flow_run_record(
-    cfg: Config, run_name: str, *, stage: str | None = None, tags: Mapping[str, str] | None = None
+    cfg: Config,
+    run_name: str,
+    *,
+    stage: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
+    resume_key: str | None = None,
 ) -> Iterator[FlowRunRecord]:
     """The flow's MLflow parent run (config params, lineage tags, this Prefect flow run's id, ``tags``), as a
     :class:`FlowRunRecord`. ``stage``: the flow's stage tag when the run is a flow of its own (evaluate,
-    promote). The run ends FINISHED, or FAILED when the flow raises."""
+    promote). ``resume_run_id``: continue that unfinished run; ``resume_key``: the command's fingerprint, tagged
+    on the run, whose heartbeat lease starts here (:mod:`detoxflow.tasks.resume`). The run ends FINISHED, or
+    FAILED when the flow raises."""
     experiment_id = tracking.setup(cfg)
-    all_tags = {**({tracking.TAG_STAGE: stage} if stage else {}), **(tags or {}), TAG_FLOW_RUN: prefect_flow_run_id()}
-    with tracking.parent_run(cfg, run_name=run_name, tags=all_tags) as run_id:
+    all_tags = {**({tracking.TAG_STAGE: stage} if stage else {}), **(tags or {}), TAG_FLOW_RUN: prefect_flow_run_id(),
+                **({tracking.TAG_RESUME_KEY: resume_key} if resume_key else {})}
+    with tracking.parent_run(cfg, run_name=run_name, run_id=resume_run_id, tags=all_tags) as run_id:
+        if resume_key:
+            tracking.Heartbeat(run_id, cfg).beat(force=True)
         yield FlowRunRecord(cfg, run_id, experiment_id)
 
 
@@ -99,6 +110,8 @@ class Stage:
 
     def __enter__(self) -> Stage:
         self._t0 = time.perf_counter()
+        if self.parent_run_id is not None:  # each stage renews the flow run's heartbeat lease
+            tracking.Heartbeat(self.parent_run_id, self.cfg).beat(force=True)
         if self.open_run:
             self.run_id = self._stack.enter_context(tracking.child_run(self.name, self.parent_run_id, cfg=self.cfg))
         return self

@@ -163,9 +163,16 @@ def train_and_log(
     log_step: trainer.LogFn = _no_log
     if main:
         metrics_log = tracking.metric_logger(run_id)
+        # the run's heartbeat lease (work_key is the command's own run: the pipeline's, or this one)
+        heartbeat = tracking.Heartbeat(work_key, cfg)
+        # a resumed run: the killed one may have logged steps after its last checkpoint; those are not logged
+        # again, so every step of the metric history is logged once (a resumed step recomputes the same values)
+        logged = tracking.last_logged_step(run_id, "objective/scores")
 
         def log_step(metrics: dict[str, float], step: int) -> None:
-            metrics_log(metrics, step)
+            heartbeat.beat()
+            if step > logged:
+                metrics_log(metrics, step)
             if on_step is not None:
                 on_step(step)
 
@@ -295,18 +302,25 @@ def _log_curves(history: list[dict[str, float]], out_dir: Path, kl_target: float
 
 
 @contextlib.contextmanager
-def train_run(cfg: Config, parent_run_id: str | None = None) -> Iterator[str]:
+def train_run(
+    cfg: Config, parent_run_id: str | None = None, *, resume_run_id: str | None = None, resume_key: str | None = None
+) -> Iterator[str]:
     """The train flow's MLflow run, tagged with its Prefect flow run; yields the run id.
 
     With ``parent_run_id`` (the pipeline's run) a ``train`` child run of it, resuming an unfinished one on
-    retry; without, a top-level run of its own tagged as the ``train`` stage."""
+    retry; without, a top-level run of its own tagged as the ``train`` stage: ``resume_run_id`` continues that
+    run (``detoxflow train`` found it unfinished), ``resume_key`` tags it with the command's fingerprint and
+    starts its heartbeat lease (:mod:`detoxflow.tasks.resume`)."""
     tracking.setup(cfg)
     tags = {TAG_FLOW_RUN: prefect_flow_run_id()}
     if parent_run_id:
         ctx = tracking.child_run("train", parent_run_id, cfg=cfg, tags=tags)
     else:
-        ctx = tracking.parent_run(cfg, run_name=f"{cfg.name}-train", tags={tracking.TAG_STAGE: "train", **tags})
+        top = {tracking.TAG_STAGE: "train", **tags, **({tracking.TAG_RESUME_KEY: resume_key} if resume_key else {})}
+        ctx = tracking.parent_run(cfg, run_name=f"{cfg.name}-train", run_id=resume_run_id, tags=top)
     with ctx as run_id:
+        if not parent_run_id:
+            tracking.Heartbeat(run_id, cfg).beat(force=True)
         yield run_id
 
 

@@ -351,3 +351,17 @@ def test_preflight_imports_nothing_heavy() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_every_class_the_error_table_names_exists_and_checkpoint_faults_are_environment() -> None:
+    import importlib
+
+    from detoxflow.errors import EXIT_CODES, exit_code
+    from detoxflow.models.checkpoint import DamagedCheckpointError, DiskFullError, TrainingError
+
+    for name in EXIT_CODES:
+        module, cls = name.rsplit(".", 1)
+        assert isinstance(getattr(importlib.import_module(module), cls), type), name
+    assert exit_code(TrainingError("nan")) == 2
+    assert exit_code(DiskFullError("disk full at /w")) == 3
+    assert exit_code(DamagedCheckpointError("/w/step-3/state.pt cannot be read")) == 3

@@ -7,7 +7,7 @@ It hands out no MLflow client: callers (tasks, the CLI) use the named functions 
 - :mod:`~detoxflow.tracking.backend`: where the store is (``cfg.tracking.uri``, ``$MLFLOW_TRACKING_URI`` or
   SQLite in the work dir), ``setup`` (experiment, SQLite init lock), run ids and tags, names and limits;
 - :mod:`~detoxflow.tracking.runs`: params, the parent run of a flow and a child run per stage, run URLs,
-  the metric logger;
+  the metric logger, and what resuming needs (the fingerprint tag, the heartbeat lease, unfinished runs);
 - :mod:`~detoxflow.tracking.artifacts`: JSON, tables, files, folders, the model and the config into a run,
   and the reads callers need (a JSON artifact, an artifact URL);
 - :mod:`~detoxflow.tracking.lineage`: the lineage tags (built once), data splits as dataset inputs;
@@ -64,20 +64,33 @@ from detoxflow.tracking.registry import (
     untag_version,
 )
 from detoxflow.tracking.runs import (
+    TAG_ABANDONED,
+    TAG_LEASE_HOLDER,
+    TAG_LEASE_UNTIL,
+    TAG_RESUME_KEY,
+    Heartbeat,
     MetricLogger,
+    ResumeError,
+    UnfinishedRun,
     child_run,
     config_params,
     find_child_run,
     find_run_by_tag,
+    last_logged_step,
+    lease_holder,
     log_metrics,
     log_params,
+    mark_abandoned,
     metric_logger,
     parent_run,
     run_url,
+    unfinished_runs,
 )
 from detoxflow.tracking.store import fetch_model, load_model, model_cache_dir, resolve_model_uri
 
 __all__ = [
+    "TAG_ABANDONED", "TAG_LEASE_HOLDER", "TAG_LEASE_UNTIL", "TAG_RESUME_KEY", "Heartbeat", "ResumeError",
+    "UnfinishedRun", "last_logged_step", "lease_holder", "mark_abandoned", "unfinished_runs",
     "CHALLENGER", "CHAMPION", "MAX_METRICS_PER_BATCH", "MAX_PARAMS_PER_BATCH", "MAX_PARAM_CHARS",
     "MAX_VERSION_TAG_CHARS", "METRIC_TAG_PREFIX", "TAG_BASE_MODEL", "TAG_CONFIG_DIGEST", "TAG_CONFIG_NAME",
     "TAG_GIT_DIRTY", "TAG_GIT_SHA", "TAG_REWARD_MODEL", "TAG_SPLIT_DIGEST", "TAG_STAGE", "TAG_VERSION",

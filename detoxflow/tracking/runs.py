@@ -4,6 +4,10 @@ One parent run per pipeline (:func:`parent_run`) with the flattened config as pa
 :func:`detoxflow.tracking.lineage.run_tags` and ``config.yaml``, and one child run per stage
 (:func:`child_run`). A retried stage resumes its earlier unfinished child run instead of adding a new one.
 Metrics go through :class:`MetricLogger` (one ``log_batch`` per call, non-finite values skipped).
+
+A command resumes its run (:mod:`detoxflow.tasks.resume`) through the functions at the end: runs are tagged
+with the command's fingerprint (:data:`TAG_RESUME_KEY`), kept alive by a :class:`Heartbeat` lease (a tag, so it
+works across hosts), found by :func:`unfinished_runs` and given up by :func:`mark_abandoned`.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -22,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from detoxflow.config import Config
+from detoxflow.paths import work_dir
 from detoxflow.tracking.artifacts import log_config
 from detoxflow.tracking.backend import (
     MAX_METRICS_PER_BATCH,
@@ -268,3 +276,100 @@ def metric_logger(run_id: str | None = None) -> MetricLogger:
 def log_metrics(metrics: Mapping[str, Any], step: int = 0, run_id: str | None = None) -> None:
     """Log final metrics (``eval/*``) the same way the trainer's curve metrics are logged."""
     MetricLogger(run_id_or_active(run_id))(metrics, step)
+
+
+# ------------------------------------------------------------------------------------------ resume and leases
+
+TAG_RESUME_KEY = "detoxflow.resume_key"  # the command and its fingerprint (config digest + data digests)
+TAG_LEASE_UNTIL = "detoxflow.lease_until"  # epoch seconds: the run is alive until then unless it beats again
+TAG_LEASE_HOLDER = "detoxflow.lease_holder"  # JSON {host, pid, work_dir} of the process that last beat
+TAG_ABANDONED = "detoxflow.abandoned"  # why an unfinished run was given up (it is then never resumed)
+LEASE_ENV = "DETOXFLOW_LEASE_S"
+DEFAULT_LEASE_S = 300.0
+
+
+class ResumeError(TrackingError):
+    """A run cannot be resumed (it is alive elsewhere, unknown, or another command holds it); the message says
+    who holds it and what to do."""
+
+
+def lease_seconds() -> float:
+    """How long a heartbeat keeps a run alive: ``$DETOXFLOW_LEASE_S``, else 300 s."""
+    return float(os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S)
+
+
+def lease_holder(cfg: Config) -> dict[str, Any]:
+    """This process as a lease holder: host, pid and the work dir (whose lock it holds)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "work_dir": str(work_dir(cfg.work_dir).resolve())}
+
+
+class Heartbeat:
+    """Renews the lease of run ``run_id``: ``beat()`` writes ``lease_until = now + lease`` at most every quarter
+    lease (``force=True``: now). A run whose lease ran out while it is still RUNNING was abandoned (killed,
+    its machine lost) and may be resumed, wherever it ran."""
+
+    def __init__(self, run_id: str, cfg: Config) -> None:
+        self.run_id = run_id
+        self.lease_s = lease_seconds()
+        self.holder = json.dumps(lease_holder(cfg), sort_keys=True)
+        self._last = -math.inf
+
+    def beat(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.lease_s / 4:
+            return
+        self._last = now
+        _client().set_tag(self.run_id, TAG_LEASE_UNTIL, f"{now + self.lease_s:.3f}")
+        _client().set_tag(self.run_id, TAG_LEASE_HOLDER, self.holder)
+
+
+@dataclass(frozen=True)
+class UnfinishedRun:
+    """A run of some fingerprint that did not finish: its status, lease and holder."""
+
+    run_id: str
+    status: str
+    lease_until: float
+    holder: dict[str, Any]
+
+    def alive(self, me: Mapping[str, Any], now: float | None = None) -> bool:
+        """RUNNING with a lease that has not run out, unless its holder is ``me``'s host and work dir: the
+        caller holds that work dir's lock for this fingerprint, so the holder is gone."""
+        if self.status != RunStatus.to_string(RunStatus.RUNNING):
+            return False
+        if self.holder.get("host") == me.get("host") and self.holder.get("work_dir") == me.get("work_dir"):
+            return False
+        return self.lease_until > (time.time() if now is None else now)
+
+
+def unfinished_runs(cfg: Config, resume_key: str) -> list[UnfinishedRun]:
+    """The runs tagged ``resume_key`` that did not finish and were not abandoned, newest first."""
+    exp_id = setup(cfg)
+    runs = _client().search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_RESUME_KEY}` = '{resume_key}'", order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    found = []
+    for r in runs:
+        if r.info.status == RunStatus.to_string(RunStatus.FINISHED) or TAG_ABANDONED in r.data.tags:
+            continue
+        try:
+            holder = json.loads(r.data.tags.get(TAG_LEASE_HOLDER, "{}"))
+        except ValueError:
+            holder = {}
+        found.append(UnfinishedRun(r.info.run_id, r.info.status, float(r.data.tags.get(TAG_LEASE_UNTIL, 0) or 0),
+                                   holder))
+    return found
+
+
+def mark_abandoned(run_id: str, reason: str) -> None:
+    """End an unfinished run FAILED with ``reason`` as its :data:`TAG_ABANDONED` tag; it is never resumed."""
+    cli = _client()
+    cli.set_tag(run_id, TAG_ABANDONED, reason)
+    cli.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def last_logged_step(run_id: str, key: str) -> int:
+    """The highest step at which run ``run_id`` logged metric ``key`` (0 when none): a resumed run logs only
+    the steps after it, so every step of the metric history is logged once."""
+    return max((m.step for m in _client().get_metric_history(run_id, key)), default=0)
