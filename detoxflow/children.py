@@ -1,5 +1,12 @@
-"""Children die with the command that started them: the Prefect API server of a local run gets a parent-death
-signal, so no server outlives a killed ``detoxflow run`` / ``detoxflow train`` (not even after ``kill -9``).
+"""Children die with the command that started them: every process a command starts (the Prefect API server of a
+local run, the multi-process training launcher) gets a parent-death signal, so none outlives a killed
+``detoxflow run`` / ``detoxflow train`` (not even after ``kill -9``).
+
+:func:`start_child` starts one such child; :func:`run_child` runs one to its end and, when the wait is broken
+(SIGINT's ``KeyboardInterrupt``, Prefect's SIGTERM exception), stops it with SIGTERM first, so that a launcher can
+stop its own children, and with SIGKILL only after a bounded wait. The launcher's rank processes (grandchildren,
+which torchrun starts in sessions of their own and stops with SIGTERM when it gets SIGTERM) call
+:func:`die_with_launcher` first thing, so they also die when the launcher itself is killed with -9.
 
 Prefect's own ephemeral server (started when no API URL is configured) is a plain child process that a killed
 command leaves behind with parent 1. :func:`prefect_server` starts the same server (``uvicorn`` on
@@ -24,8 +31,10 @@ import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_GRACE_S = 8.0  # SIGTERM, then SIGKILL: inside the promise that nothing is left 10 s after the command ends
 
 
 class ServerStartError(RuntimeError):
@@ -36,6 +45,42 @@ def die_with_parent() -> None:
     """``preexec_fn``: ask the kernel to send this child SIGTERM when its parent dies (Linux; a no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def start_child(cmd: list[str], **popen: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(cmd, **popen)`` for a child that gets SIGTERM from the kernel when this process dies."""
+    return subprocess.Popen(cmd, preexec_fn=die_with_parent, **popen)  # noqa: PLW1509 - prctl only, no locks
+
+
+def stop_child(proc: subprocess.Popen[Any], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to ``proc`` (this process's own child, by its handle), SIGKILL if it is still there after ``grace_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_child(cmd: list[str], **popen: Any) -> int:
+    """Run ``cmd`` as :func:`start_child` to its end and return its exit code; if the wait is interrupted (an
+    exception such as ``KeyboardInterrupt``), stop the child (:func:`stop_child`) before passing it on."""
+    proc = start_child(cmd, **popen)
+    try:
+        return proc.wait()
+    except BaseException:
+        stop_child(proc)
+        raise
+
+
+def die_with_launcher() -> None:
+    """For a process started by a launcher that is not ours (a torchrun rank): SIGTERM when that launcher dies.
+    Exits at once if it died already, before the signal was armed."""
+    parent = os.getppid()
+    die_with_parent()
+    if os.getppid() != parent or parent == 1:
+        os._exit(128 + int(signal.SIGTERM))
 
 
 def prefect_api_configured() -> bool:
@@ -83,7 +128,7 @@ def prefect_server() -> Iterator[str | None]:
     cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "error", "--lifespan", "on"]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # noqa: PLW1509
+    proc = start_child(cmd, env=env, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 300)
         while not _healthy(url):
@@ -98,9 +143,4 @@ def prefect_server() -> Iterator[str | None]:
         yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc, grace_s=5)

@@ -247,6 +247,9 @@ def train_rank(
     expected_train_digest: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """One rank of a multi-process training run; started by `accelerate launch` from the train_ppo task."""
+    from detoxflow.children import die_with_launcher
+
+    die_with_launcher()  # even a launcher killed with -9 leaves no rank behind
     cfg = Config.model_validate_json(config_json.read_text())
     from detoxflow.tasks.training import run_rank
 

@@ -25,7 +25,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
 from prefect.states import State
 
-from detoxflow import atomic, tracking
+from detoxflow import atomic, children, tracking
 from detoxflow.config import Config, ConfigError
 from detoxflow.models import distributed, plots, trainer
 from detoxflow.models.data import DataError, build_prompt, load_split, split_digest
@@ -271,14 +271,13 @@ def launch_training(cfg: Config, run_id: str, work_key: str, expected_train_dige
     logger.info("launching %d training processes; their log: %s", cfg.orchestration.train_processes, ranks_log)
     # OpenMP threads that spin while waiting starve the other ranks on a shared CPU (the CLI sets the same)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    with ranks_log.open("ab") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                              check=False)
-    if proc.returncode != 0 or not result_json.is_file():
+    with ranks_log.open("ab") as fh:  # the launcher (and through it its ranks) dies with this process
+        returncode = children.run_child(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    if returncode != 0 or not result_json.is_file():
         tail = ranks_log.read_text(errors="replace")[-4000:]
         raise LaunchError(
             f"multi-process training ({cfg.orchestration.train_processes} processes) exited with code "
-            f"{proc.returncode}. Command: {' '.join(cmd)}\n--- last lines of {ranks_log} ---\n{tail}"
+            f"{returncode}. Command: {' '.join(cmd)}\n--- last lines of {ranks_log} ---\n{tail}"
         )
     return dict(json.loads(result_json.read_text()))
 
