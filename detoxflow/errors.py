@@ -37,6 +37,7 @@ EXIT_CODES: dict[str, int] = {
     "detoxflow.models.evaluate.EvaluationError": BAD_INPUT,
     "detoxflow.models.promotion.PromotionError": BAD_INPUT,
     "detoxflow.tracking.backend.TrackingError": BAD_INPUT,
+    "detoxflow.tracking.backend.TrackingUnreachable": ENVIRONMENT,  # the server stopped answering mid-run
     "detoxflow.team.processes.TeamError": BAD_INPUT,
     "detoxflow.locks.LockTimeout": ENVIRONMENT,
     "pydantic_core._pydantic_core.ValidationError": BAD_INPUT,  # a CLI value outside its schema's range

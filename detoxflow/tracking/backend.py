@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -60,6 +61,45 @@ class TrackingError(RuntimeError):
     """A tracking or registry problem a user can fix; the message names the run, model or URI and the fix."""
 
 
+class TrackingUnreachable(TrackingError):
+    """The tracking server stopped answering (after MLflow's bounded retries): the environment, exit 3."""
+
+
+def unreachable(exc: BaseException) -> TrackingUnreachable | None:
+    """A :class:`TrackingUnreachable` for an ``MlflowException`` that MLflow raised because its HTTP request could
+    not connect or timed out (a ``requests`` ConnectionError / Timeout in its cause or context), else None: any
+    other MlflowException (a missing run, a bad value) is not the server's absence."""
+    import requests
+
+    if not isinstance(exc, MlflowException):
+        return None
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            found = re.search(r"\[Errno -?\d+\][^'\")]*", str(cur))
+            why = found.group(0).strip() if found else type(cur).__name__
+            return TrackingUnreachable(
+                f"tracking server {mlflow.get_tracking_uri()} stopped answering ({why}). Start it again (or point "
+                "tracking.uri / MLFLOW_TRACKING_URI at a running server) and run the same command again to resume"
+            )
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+@contextlib.contextmanager
+def server_errors() -> Iterator[None]:
+    """Turn MLflow's "cannot reach the tracking server" into :class:`TrackingUnreachable`; other errors go on."""
+    try:
+        yield
+    except MlflowException as e:
+        lost = unreachable(e)
+        if lost is None:
+            raise
+        raise lost from e
+
+
 # ------------------------------------------------------------------------------------------ store and setup
 
 
@@ -95,7 +135,7 @@ def setup(cfg: Config) -> str:
     # MLflow writes "View run ... at: URL" to stdout after every run on a server; stdout is the CLI's JSON
     # output, so the link goes to the log instead (parent_run logs it).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    with _setup_lock, _sqlite_init_lock(uri):
+    with _setup_lock, _sqlite_init_lock(uri), server_errors():
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         name = cfg.tracking.experiment

@@ -42,8 +42,10 @@ from detoxflow.tracking.backend import (
     _client,
     is_server,
     run_id_or_active,
+    server_errors,
     set_tags,
     setup,
+    unreachable,
 )
 from detoxflow.tracking.lineage import run_tags
 
@@ -99,7 +101,17 @@ def parent_run(
 
     Params = the flattened config, tags = :func:`run_tags`, ``config.yaml`` as an artifact. ``run_id`` resumes
     an existing run (e.g. a retried flow run); its params must match the config. Started inside another
-    active run (a KL sweep), it becomes that run's child. The run ends FINISHED, or FAILED on an exception."""
+    active run (a KL sweep), it becomes that run's child. The run ends FINISHED, or FAILED on an exception.
+    A tracking server that stops answering, at any point of the run (ending it included), raises
+    :class:`~detoxflow.tracking.backend.TrackingUnreachable`."""
+    with server_errors(), _parent_run(cfg, run_name, run_id=run_id, tags=tags) as rid:
+        yield rid
+
+
+@contextlib.contextmanager
+def _parent_run(
+    cfg: Config, run_name: str | None, *, run_id: str | None, tags: Mapping[str, str] | None
+) -> Iterator[str]:
     exp_id = setup(cfg)
     cli = _client()
     all_tags = {**run_tags(cfg), **(tags or {})}
@@ -108,6 +120,8 @@ def parent_run(
         try:
             existing = cli.get_run(run_id)
         except MlflowException as e:
+            if unreachable(e):
+                raise
             raise TrackingError(f"cannot resume run {run_id}: not found at {mlflow.get_tracking_uri()} ({e})") from e
         if existing.info.experiment_id != exp_id:
             raise TrackingError(
@@ -189,7 +203,21 @@ def child_run(
     defaults to this thread's active run). ``cfg``: call :func:`setup` first (needed in a fresh process unless
     ``$MLFLOW_TRACKING_URI`` is set). ``resume``: a retried stage continues its earlier unfinished child run
     (same parent, same ``stage``) rather than leaving a failed run beside a new one. Stage names must be
-    unique within one parent (e.g. ``train``, ``evaluate_baseline``, ``evaluate_aligned``)."""
+    unique within one parent (e.g. ``train``, ``evaluate_baseline``, ``evaluate_aligned``). A tracking server that
+    stops answering raises :class:`~detoxflow.tracking.backend.TrackingUnreachable`."""
+    with server_errors(), _child_run(stage, parent_run_id, cfg=cfg, resume=resume, tags=tags) as run_id:
+        yield run_id
+
+
+@contextlib.contextmanager
+def _child_run(
+    stage: str,
+    parent_run_id: str | None,
+    *,
+    cfg: Config | None,
+    resume: bool,
+    tags: Mapping[str, str] | None,
+) -> Iterator[str]:
     if cfg is not None:
         setup(cfg)
     active = mlflow.active_run()
@@ -208,6 +236,8 @@ def child_run(
     try:
         parent_info = cli.get_run(parent).info
     except MlflowException as e:
+        if unreachable(e):
+            raise
         raise TrackingError(
             f"child_run('{stage}'): parent run {parent} not found at {mlflow.get_tracking_uri()}. Is this process "
             "pointed at the same tracking URI as the flow (pass cfg= or set MLFLOW_TRACKING_URI)?"
