@@ -85,7 +85,9 @@ class Stage:
 
     ``parent_run_id``: the pipeline's MLflow run; with ``open_run=True`` a child run tagged with the stage
     name is opened and its id is ``self.run_id`` (pass it to the task). A stage that runs elsewhere (team-mode
-    training opens its own child run on the gpu worker) uses ``open_run=False``."""
+    training opens its own child run on the gpu worker) uses ``open_run=False``. In a resumed (or retried) flow
+    run a stage that finished before keeps its FINISHED child run: ``self.run_id`` is that run, left as it was
+    (its task is served from Prefect's cache), so the parent has one child run per stage."""
 
     def __init__(
         self,
@@ -105,6 +107,7 @@ class Stage:
         self.open_run = open_run and parent_run_id is not None
         self.run_id: str | None = None
         self.was_cached = False
+        self.reused = False  # the stage's FINISHED child run from before a resume
         self._stack = contextlib.ExitStack()
         self._t0 = 0.0
 
@@ -113,7 +116,15 @@ class Stage:
         if self.parent_run_id is not None:  # each stage renews the flow run's heartbeat lease
             tracking.Heartbeat(self.parent_run_id, self.cfg).beat(force=True)
         if self.open_run:
-            self.run_id = self._stack.enter_context(tracking.child_run(self.name, self.parent_run_id, cfg=self.cfg))
+            assert self.parent_run_id is not None
+            done = tracking.find_child_run(self.parent_run_id, self.name, finished=True)
+            if done is not None:
+                self.run_id, self.reused = done, True
+                get_run_logger().info("stage %s: finished before, in MLflow run %s; keeping it", self.name, done)
+            else:
+                self.run_id = self._stack.enter_context(
+                    tracking.child_run(self.name, self.parent_run_id, cfg=self.cfg)
+                )
         return self
 
     def __exit__(
@@ -123,7 +134,7 @@ class Stage:
         self.timings[self.name] = round(seconds, 2)
         self.cached[self.name] = self.was_cached
         try:
-            if self.run_id is not None and exc is None:
+            if self.run_id is not None and exc is None and not self.reused:
                 tracking.log_metrics({"stage/seconds": seconds}, run_id=self.run_id)
                 tracking.set_tags({"detoxflow.cached": str(self.was_cached).lower()}, run_id=self.run_id)
         finally:

@@ -304,6 +304,9 @@ def test_killed_pipeline_resumes_from_the_command_line(tmp_path, prefect_api):
     runs = all_runs(work)
     assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [parent.info.run_id]
     assert {r.info.status for r in runs} == {"FINISHED"}  # the parent and every stage's run
+    stages = sorted(r.data.tags.get("detoxflow.stage") for r in runs if "mlflow.parentRunId" in r.data.tags)
+    # one child run per stage: the stages served from Prefect's cache reuse their finished runs
+    assert stages == ["baseline", "evaluate", "gate", "prepare", "train"], stages
     (train_run,) = [r for r in runs if r.data.tags.get("detoxflow.stage") == "train"]
     steps = sorted(m.step for m in store(work).get_metric_history(train_run.info.run_id, "objective/scores"))
     assert steps == [1, 2, 3, 4, 5]

@@ -163,8 +163,9 @@ def run_url(run_id: str, experiment_id: str) -> str:
     return f"{uri} run {run_id}"
 
 
-def find_child_run(parent_run_id: str, stage: str) -> str | None:
-    """The newest unfinished child of ``parent_run_id`` for ``stage``, or None."""
+def find_child_run(parent_run_id: str, stage: str, *, finished: bool = False) -> str | None:
+    """The newest unfinished child of ``parent_run_id`` for ``stage`` (with ``finished``: the newest FINISHED
+    one), or None."""
     cli = _client()
     exp_id = cli.get_run(parent_run_id).info.experiment_id
     safe_stage = stage.replace("'", "\\'")
@@ -175,7 +176,7 @@ def find_child_run(parent_run_id: str, stage: str) -> str | None:
         max_results=10,
     )
     for r in runs:
-        if r.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        if (r.info.status == RunStatus.to_string(RunStatus.FINISHED)) == finished:
             return r.info.run_id
     return None
 
