@@ -163,8 +163,9 @@ def train_and_log(
     log_step: trainer.LogFn = _no_log
     if main:
         metrics_log = tracking.metric_logger(run_id)
-        # the run's heartbeat lease (work_key is the command's own run: the pipeline's, or this one)
-        heartbeat = tracking.Heartbeat(work_key, cfg)
+        # the heartbeat lease of the command's own run: a work key is that run's id (the pipeline's, or this
+        # one), optionally followed by "/<setting>" (the KL sweep keys each setting's checkpoints so)
+        heartbeat = tracking.Heartbeat(work_key.split("/", 1)[0], cfg)
         # a resumed run: the killed one may have logged steps after its last checkpoint; those are not logged
         # again, so every step of the metric history is logged once (a resumed step recomputes the same values)
         logged = tracking.last_logged_step(run_id, "objective/scores")
