@@ -8,8 +8,9 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -177,6 +178,24 @@ def _check_resume_options(fresh: bool, resume: str | None) -> None:
         raise UserError("--fresh and --resume RUN_ID exclude each other: start over, or resume that run")
 
 
+def _resumable(
+    cfg: Config, command: Literal["pipeline", "train"], fresh: bool, resume: str | None,
+    start: Callable[[str | None, str], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run ``start(resume_run_id, resume_key)`` (a flow) under this command's own Prefect server, resuming an
+    unfinished run of the same fingerprint unless ``fresh`` (:mod:`detoxflow.tasks.resume`)."""
+    from detoxflow.children import prefect_server
+
+    with prefect_server():  # before Prefect is imported (by start's flow import): it reads PREFECT_API_URL once
+        from detoxflow.tasks.resume import resumable
+
+        _quiet_prefect()
+        with resumable(cfg, command, fresh=fresh, run_id=resume) as plan:
+            if plan.message:
+                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+            return start(plan.run_id, plan.key)
+
+
 @app.command()
 def run(
     config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None, fresh: FreshOpt = False,
@@ -186,17 +205,13 @@ def run(
     run of the same config and data is resumed from its newest checkpoint (--fresh: start over)."""
     _check_resume_options(fresh, resume)
     cfg = _checked(config, set_)
-    from detoxflow.children import prefect_server
 
-    with prefect_server():  # before Prefect is imported: it reads PREFECT_API_URL once
+    def start(run_id: str | None, key: str) -> dict[str, Any]:
         from detoxflow.flows.pipeline import pipeline
-        from detoxflow.tasks.resume import resumable
 
-        _quiet_prefect()
-        with resumable(cfg, "pipeline", fresh=fresh, run_id=resume) as plan:
-            if plan.message:
-                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
-            summary = pipeline(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
+        return pipeline(cfg, resume_run_id=run_id, resume_key=key)
+
+    summary = _resumable(cfg, "pipeline", fresh, resume, start)
     out.print_json(json.dumps(summary, default=str))
     console.print(f"[bold]{escape(summary['headline'])}[/bold]", highlight=False)
 
@@ -224,17 +239,13 @@ def train(
     overrides = [*(set_ or []), *([f"orchestration.train_processes={num_processes}"] if num_processes else [])]
     _check_resume_options(fresh, resume)
     cfg = _checked(config, overrides)
-    from detoxflow.children import prefect_server
 
-    with prefect_server():  # before Prefect is imported: it reads PREFECT_API_URL once
+    def start(run_id: str | None, key: str) -> dict[str, Any]:
         from detoxflow.flows.train import train_flow
-        from detoxflow.tasks.resume import resumable
 
-        _quiet_prefect()
-        with resumable(cfg, "train", fresh=fresh, run_id=resume) as plan:
-            if plan.message:
-                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
-            result = train_flow(cfg, resume_run_id=plan.run_id, resume_key=plan.key)
+        return train_flow(cfg, resume_run_id=run_id, resume_key=key)
+
+    result = _resumable(cfg, "train", fresh, resume, start)
     out.print_json(json.dumps(result, default=str))
 
 

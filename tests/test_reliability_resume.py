@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import fresh_policy
+from test_trainer import trainable_snapshot as weights
 
 from detoxflow.config import Config, load_config
 from detoxflow.models import checkpoint as ckpt
-from detoxflow.models.policy import Policy
 from detoxflow.models.reward import ScoreResult
 from detoxflow.models.trainer import train
 
@@ -50,14 +51,6 @@ def make_cfg(tiny_models: dict[str, Path], *overrides: str) -> Config:
     ])
 
 
-def fresh_policy(cfg: Config) -> Policy:
-    torch.manual_seed(123)
-    return Policy.load(cfg.model, cfg.lora)
-
-
-def weights(policy: Policy) -> dict[str, torch.Tensor]:
-    state = policy.trainable_state_dict()
-    return {**{f"a.{k}": v for k, v in state["adapter"].items()}, **{f"v.{k}": v for k, v in state["value_head"].items()}}
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
