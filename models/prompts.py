@@ -50,9 +50,9 @@ def check_lengths(tokenizer: Any, prompts: Sequence[str], names: Sequence[str], 
 def encode(tokenizer: Any, prompts: Sequence[str], max_tokens: int, tail: str) -> dict[str, Any]:
     """``{"input_ids", "attention_mask"}`` tensors (B, Tq). A prompt longer than ``max_tokens`` keeps its first
     tokens and the last ones that encode ``tail``; prompts that fit are encoded as the tokenizer alone does."""
-    kwargs = {"return_tensors": "pt", "padding": True, "return_token_type_ids": False}
-    if max(_lengths(tokenizer, prompts), default=0) <= max_tokens:
-        return tokenizer(list(prompts), truncation=True, max_length=max_tokens, **kwargs)
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, return_token_type_ids=False)
+    if enc["input_ids"].shape[1] <= max_tokens:  # every prompt fits (the common case): tokenised once
+        return enc
     n_tail = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
     rows = []
     fulls = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
