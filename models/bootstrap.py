@@ -208,7 +208,14 @@ def train_tokenizer(records: list[Record], settings: BootstrapSettings) -> PreTr
 
 
 def _make_model(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     if settings.arch == "t5":
         config = T5Config(
