@@ -285,7 +285,7 @@ def check_local(env: Mapping[str, str]) -> list[Check]:
     import sqlite3
 
     from detoxflow.locks import sqlite_path
-    from detoxflow.paths import find_home, tracking_uri
+    from detoxflow.paths import find_home
 
     home = find_home(env=env)
     folder = home.path if home.path.exists() else next(p for p in home.path.parents if p.exists())
@@ -293,7 +293,8 @@ def check_local(env: Mapping[str, str]) -> list[Check]:
         return [Check(False, f"home {home.describe()} is not writable",
                       "pass --home / set DETOXFLOW_HOME to a folder you can write")]
     out = [Check(True, f"home {home.describe()}")]
-    store = env.get("MLFLOW_TRACKING_URI") or tracking_uri(create=False)
+    state = Path(env["DETOXFLOW_WORK_DIR"]).expanduser() if env.get("DETOXFLOW_WORK_DIR") else home.path
+    store = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state.resolve() / 'mlflow.db'}"  # as paths.tracking_uri
     db = sqlite_path(store)
     if db is None or not db.is_file():
         out.append(Check(None, f"MLflow store {store}: nothing run yet (`detoxflow run` creates it)"))

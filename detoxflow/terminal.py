@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -98,6 +99,23 @@ def quiet_known_errors() -> None:
         logging.getLogger(name).addFilter(QuietKnownErrors())
 
 
+class ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stderr handler that writes through ``tqdm.write`` once tqdm is loaded, so a log line lands above a live
+    progress bar instead of inside it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is not None:
+                tqdm.tqdm.write(msg, file=self.stream)
+            else:
+                self.stream.write(msg + self.terminator)
+                self.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
 VERBOSE_FORMAT = "%(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("httpx", "absl", "mlflow", "alembic", "urllib3", "filelock", "git", "matplotlib", "PIL")
 
@@ -109,6 +127,7 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own loggers' level at import
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # child processes
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -117,7 +136,7 @@ def configure(verbose: bool) -> None:
     for h in list(root.handlers):
         if getattr(h, "_detoxflow", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler()
+    handler = ConsoleHandler()
     handler._detoxflow = True  # type: ignore[attr-defined]
     if verbose:
         handler.setFormatter(logging.Formatter(VERBOSE_FORMAT))
