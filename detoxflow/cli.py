@@ -405,14 +405,14 @@ def ui(port: Annotated[int, typer.Option(help="local UI port (127.0.0.1)")] = 50
 @app.command()
 def serve(
     mode: Annotated[str, typer.Argument(help="team: PostgreSQL + MLflow server + Prefect server + workers, natively")] = "team",
-    root: Annotated[Path, typer.Option(help="state folder for the native stack")] = Path(".detoxflow/team"),
+    root: Annotated[Path | None, typer.Option(help="state folder for the native stack; default: <home>/team")] = None,
 ) -> None:
     """Start the team stack natively (without Docker); Ctrl-C stops it."""
     if mode != "team":
         raise UserError(f"serve: unknown mode '{mode}'. Allowed: team")
     from detoxflow.team import serve_team
 
-    serve_team(root)
+    serve_team(root or paths.find_home().path / "team")
 
 
 @app.command()
