@@ -73,7 +73,7 @@ def _config_path(config: Path) -> Path:
     found = paths.resolve_config(config)
     if not found.is_file():
         looked = ", ".join(str(c) for c in paths.config_candidates(config))
-        raise UserError(f"--config {config}: no such file (looked in {looked}). Pass an existing YAML file, "
+        raise UserError(f"--config {config}: config file not found (looked in {looked}). Pass an existing YAML file, "
                         "e.g. configs/default.yaml from the detoxflow project")
     return found
 
