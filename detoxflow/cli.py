@@ -195,10 +195,15 @@ def _resumable(
         from detoxflow.tasks.resume import resumable
 
         _quiet_prefect()
-        with resumable(cfg, command, fresh=fresh, run_id=resume) as plan:
-            if plan.message:
-                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
-            return start(plan.run_id, plan.key)
+        from prefect.logging.handlers import APILogHandler
+
+        try:
+            with resumable(cfg, command, fresh=fresh, run_id=resume) as plan:
+                if plan.message:
+                    console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+                return start(plan.run_id, plan.key)
+        finally:  # send the queued run logs while this server answers: later, minutes of retries and an error
+            APILogHandler().flush()
 
 
 @app.command()
