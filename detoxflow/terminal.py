@@ -166,7 +166,7 @@ def _num(x: Any, digits: int = 4) -> str:
 
 def summary_table(summary: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> Group:
     """The closing summary of a pipeline run: toxicity / ROUGE-L / KL before and after (with the change's 95%
-    CI), the gate's rows (PASS green, FAIL red), the registered version and its decision, and ``links``
+    CI), the gate's rows (PASS green, BLOCK red), the registered version and its decision, and ``links``
     ((label, url) pairs)."""
     decision = str(summary.get("decision", ""))
     colour = "green" if decision.startswith("promot") else "red" if decision.startswith("reject") else "yellow"
@@ -188,7 +188,8 @@ def summary_table(summary: Mapping[str, Any], links: Sequence[tuple[str, str]]) 
     table.add_row("KL (nats)", "", _num(summary.get("kl"), 2), "")
     rows: list[Any] = [table]
     for reason in summary.get("reasons") or []:
-        style = "green" if reason.startswith("PASS") else "red" if reason.startswith("FAIL") else ""
+        verdict = reason.split(" ", 1)[0]  # the gate's rows: PASS, or BLOCK (a rule the version failed)
+        style = "green" if verdict == "PASS" else "red" if verdict in ("BLOCK", "FAIL") else ""
         rows.append(Text(f"  {reason}", style=style))
     for alarm in summary.get("alarms") or []:
         rows.append(Text(f"  alarm: {alarm}", style="yellow"))

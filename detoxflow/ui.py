@@ -5,7 +5,9 @@ the MLflow and Prefect UIs. Standard library only until the UI process starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,8 +47,8 @@ def plan(port: int, env: Mapping[str, str] | None = None) -> UiPlan:
         raise InputError(f"no MLflow store at {db} (home: {find_home().describe()}); run the pipeline first, or "
                          "pass --home / set DETOXFLOW_HOME to the folder that holds mlflow.db")
     artifacts = work_dir(create=False) / "mlartifacts"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", HOST, "--port", str(port),
-           "--artifacts-destination", str(artifacts)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--workers", "1", "--backend-store-uri", store, "--host", HOST,
+           "--port", str(port), "--artifacts-destination", str(artifacts)]
     links = [("MLflow UI", f"http://{HOST}:{port}")] + ([("Prefect UI", prefect)] if prefect else [])
     return UiPlan(store, cmd, links)
 
@@ -59,18 +61,28 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(p: UiPlan, say: Callable[[str], None]) -> int:
     """Start ``p.command`` (a child that dies with this process), print the links once it answers, wait for it."""
-    from detoxflow.children import start_child, stop_child
+    from detoxflow.children import start_child
 
     assert p.command is not None
     url = p.links[0][1]
     if _answers(url):
         raise EnvironmentFault(f"{url} already answers (another UI?): open it, or pick another --port")
     say(f"starting the MLflow UI on {p.store}")
+    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` stops the UI's processes too, as Ctrl-C does
+    signal.signal(signal.SIGINT, _interrupt)  # also where a shell started this in the background (SIGINT ignored)
     log_path = work_dir(create=False) / "mlflow-ui.log"
+    # a viewer needs no job runner (MLflow's GenAI jobs start consumer processes of their own); its own session,
+    # so that stopping it stops every process it started
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log_path.open("ab") as log:
-        proc = start_child(p.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = start_child(p.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                           start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _answers(url):
@@ -86,4 +98,18 @@ def serve(p: UiPlan, say: Callable[[str], None]) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_child(proc, grace_s=5)
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 8.0) -> None:
+    """SIGTERM to the process group that ``proc`` leads (our child, started in a session of its own), SIGKILL to
+    what is left of it after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -84,7 +84,7 @@ SUMMARY = {
     "toxicity_before": 0.37444, "toxicity_after": 0.13714, "relative_change": -0.63375,
     "relative_change_ci": [-0.76980, -0.47861], "rouge_l_before": 0.79815, "rouge_l_after": 0.76297, "kl": 8.3621,
     "decision": "rejected", "registered_model": "detoxflow-default", "version": "3",
-    "reasons": ["PASS toxicity vs baseline: 0.3744 -> 0.1371 (-63.4%)", "FAIL KL: 14.1 nats, allowed at most 12"],
+    "reasons": ["PASS toxicity vs baseline: 0.3744 -> 0.1371 (-63.4%)", "BLOCK KL: 14.1 nats, allowed at most 12"],
     "alarms": [], "mlflow": {"tracking_uri": "sqlite:////h/mlflow.db", "experiment_id": "4", "parent_run_id": "r1"},
 }
 
@@ -99,7 +99,7 @@ def test_summary_table_figures_colours_and_links() -> None:
     assert re.search(r"toxicity\s+0\.3744\s+0\.1371\s+-63\.4% \(95% CI -77\.0% … -47\.9%\)", plain), plain
     assert re.search(r"ROUGE-L\s+0\.798\s+0\.763\s+-4\.4%", plain), plain
     assert re.search(r"KL \(nats\)\s+8\.36", plain) and "detoxflow-default v3: rejected" in plain
-    assert "\x1b[32m  PASS toxicity vs baseline" in text and "\x1b[31m  FAIL KL" in text  # green / red rows
+    assert "\x1b[32m  PASS toxicity vs baseline" in text and "\x1b[31m  BLOCK KL" in text  # green / red rows
     assert "MLflow run (after `detoxflow ui`): http://127.0.0.1:5000/#/experiments/4/runs/r1" in plain
     team = {**SUMMARY, "mlflow": {**SUMMARY["mlflow"], "tracking_uri": "http://mlflow.lab:5000/"}}
     assert terminal.run_links(team, env={"PREFECT_API_URL": "http://prefect.lab:4200/api"}) == [
@@ -129,7 +129,7 @@ def test_ui_plan_local_store_team_links_and_missing_store(tmp_path: Path, monkey
     assert p.command is not None and p.links == [("MLflow UI", "http://127.0.0.1:5123")]
     args = p.command[p.command.index("ui") + 1:]
     assert dict(zip(args[::2], args[1::2], strict=True)) == {
-        "--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "--host": "127.0.0.1", "--port": "5123",
+        "--workers": "1", "--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "--host": "127.0.0.1", "--port": "5123",
         "--artifacts-destination": str(tmp_path / "mlartifacts")}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000")
     p = ui.plan(5123, env={"PREFECT_API_URL": "http://prefect.lab:4200/api"})
