@@ -191,7 +191,7 @@ def _resumable(
     if not prefect_api_configured():
         terminal.phase(console, "starting a local Prefect API server for this command")
     with prefect_server():  # before Prefect is imported (by start's flow import): it reads PREFECT_API_URL once
-        terminal.phase(console, "loading Prefect and MLflow")
+        terminal.phase(console, "loading Prefect and MLflow, opening the store (its first use creates the tables)")
         from detoxflow.tasks.resume import resumable
 
         _quiet_prefect()

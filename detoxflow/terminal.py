@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -174,7 +173,7 @@ def summary_table(summary: Mapping[str, Any], links: Sequence[tuple[str, str]]) 
     version = summary.get("version")
     title = Text.assemble((f"{model} v{version}" if version else model or "run", "bold"), ": ",
                          (decision or "no decision", f"bold {colour}"))
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title, title_justify="left")
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left", header_style="bold")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     ci = summary.get("relative_change_ci") or (None, None)
