@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/detoxflow run --config $(CONFIG)
+	$(VENV)/bin/detoxflow --home .detoxflow run --config $(CONFIG)
 
 # The guard rails: ruff, and the layers contract (import-linter, pyproject.toml [tool.importlinter]).
 # import-linter reads packages from disk, and detoxflow.models/tasks/flows live in top-level folders

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from detoxflow import errors, preflight
+from detoxflow import errors, paths, preflight, terminal
 from detoxflow.config import Config, dump_yaml, load_config
 
 app = typer.Typer(
@@ -43,6 +41,7 @@ FreshOpt = Annotated[
 ResumeOpt = Annotated[
     str | None, typer.Option("--resume", metavar="RUN_ID", help="resume this unfinished MLflow run")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout instead of a table")]
 
 
 class UserError(errors.InputError):
@@ -56,44 +55,47 @@ GENERATE_MAX_QUERY_TOKENS = 512
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error, and Prefect's")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line, third-party ones too")] = False,
+    home: Annotated[Path | None, typer.Option(
+        "--home", envvar=paths.HOME_ENV, show_envvar=False,
+        help="state folder (runs, MLflow store); default: $DETOXFLOW_HOME, the nearest .detoxflow/ above the "
+        "working directory, else ~/.local/share/detoxflow")] = None,
 ) -> None:
     """Options for every command."""
     _state["debug"] = debug
+    if home is not None:  # children (Prefect tasks, training ranks) find the same home
+        os.environ[paths.HOME_ENV] = str(home.expanduser().resolve())
+    terminal.configure(verbose or debug)
+
+
+def _config_path(config: Path) -> Path:
+    """``config`` as given, else found in the project (:func:`detoxflow.paths.resolve_config`)."""
+    found = paths.resolve_config(config)
+    if not found.is_file():
+        looked = ", ".join(str(c) for c in paths.config_candidates(config))
+        raise UserError(f"--config {config}: config file not found (looked in {looked}). Pass an existing YAML file, "
+                        "e.g. configs/default.yaml from the detoxflow project")
+    return found
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> Config:
-    return load_config(config, overrides or [])
+    return load_config(None if config is None else _config_path(config), overrides or [])
 
 
 def _checked(config: Path | None, overrides: list[str] | None, *, model_uri: str | None = None) -> Config:
     """The config of a command that writes, after the preflight checks (before any heavy import)."""
+    config = None if config is None else _config_path(config)
     preflight.check_config_file(config)
     cfg = _load(config, overrides)
     preflight.preflight(cfg, model_uri=model_uri)
     return cfg
 
 
-class _QuietKnownErrors(logging.Filter):
-    """Drops the log records of Prefect's engine that carry an error the CLI reports in one line: the traceback
-    ("Encountered exception during execution") and the state line ("Finished in state Failed(... RewardError: ...)")."""
-
-    _STATE = re.compile(r"Finished in state Failed\(.*?exception:? (\w+):")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None:
-            return errors.exit_code(exc) is None
-        m = self._STATE.match(record.getMessage())
-        return m is None or m.group(1) not in errors.KNOWN_NAMES
-
-
 def _quiet_prefect() -> None:
     """Without ``--debug``, a known error is one line from the CLI, not also a traceback per task and flow."""
     _state["flow_started"] = True
-    if _state["debug"]:
-        return
-    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
-        logging.getLogger(name).addFilter(_QuietKnownErrors())
+    if not _state["debug"]:
+        terminal.quiet_known_errors()
 
 
 def _setup_env() -> None:
@@ -112,9 +114,6 @@ def _setup_env() -> None:
     # OpenMP threads that spin while waiting make torch several times slower on a shared machine; torch reads
     # this when its thread pool starts, which is after this point (heavy imports happen inside commands).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=os.environ.get("DETOXFLOW_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    # every Prefect API call (one per training step for the progress artifact) would otherwise log a line
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @config_app.command("show")
@@ -184,22 +183,33 @@ def _resumable(
 ) -> dict[str, Any]:
     """Run ``start(resume_run_id, resume_key)`` (a flow) under this command's own Prefect server, resuming an
     unfinished run of the same fingerprint unless ``fresh`` (:mod:`detoxflow.tasks.resume`)."""
-    from detoxflow.children import prefect_server
+    from detoxflow.children import prefect_api_configured, prefect_server
 
+    store = paths.tracking_uri(cfg, create=False)
+    where = "" if cfg.work_dir or os.environ.get("DETOXFLOW_WORK_DIR") else f"; home {paths.find_home().describe()}"
+    terminal.phase(console, f"{command} {cfg.name}: MLflow store {store}{where}")
+    if not prefect_api_configured():
+        terminal.phase(console, "starting a local Prefect API server for this command")
     with prefect_server():  # before Prefect is imported (by start's flow import): it reads PREFECT_API_URL once
+        terminal.phase(console, "loading Prefect and MLflow, opening the store (its first use creates the tables)")
         from detoxflow.tasks.resume import resumable
 
         _quiet_prefect()
-        with resumable(cfg, command, fresh=fresh, run_id=resume) as plan:
-            if plan.message:
-                console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
-            return start(plan.run_id, plan.key)
+        from prefect.logging.handlers import APILogHandler
+
+        try:
+            with resumable(cfg, command, fresh=fresh, run_id=resume) as plan:
+                if plan.message:
+                    console.print(plan.message, markup=False, highlight=False, soft_wrap=True)
+                return start(plan.run_id, plan.key)
+        finally:  # send the queued run logs while this server answers: later, minutes of retries and an error
+            APILogHandler().flush()
 
 
 @app.command()
 def run(
     config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None, fresh: FreshOpt = False,
-    resume: ResumeOpt = None,
+    resume: ResumeOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline (prepare -> baseline -> train -> evaluate -> gate) as a Prefect flow; an unfinished
     run of the same config and data is resumed from its newest checkpoint (--fresh: start over)."""
@@ -207,13 +217,16 @@ def run(
     cfg = _checked(config, set_)
 
     def start(run_id: str | None, key: str) -> dict[str, Any]:
+        terminal.phase(console, "loading the pipeline (torch, transformers)")
         from detoxflow.flows.pipeline import pipeline
 
         return pipeline(cfg, resume_run_id=run_id, resume_key=key)
 
     summary = _resumable(cfg, "pipeline", fresh, resume, start)
-    out.print_json(json.dumps(summary, default=str))
-    console.print(f"[bold]{escape(summary['headline'])}[/bold]", highlight=False)
+    if json_:
+        out.print_json(json.dumps(summary, default=str))
+    else:
+        terminal.print_summary(out, summary, terminal.run_links(summary))
 
 
 @app.command()
@@ -241,6 +254,7 @@ def train(
     cfg = _checked(config, overrides)
 
     def start(run_id: str | None, key: str) -> dict[str, Any]:
+        terminal.phase(console, "loading the trainer (torch, transformers)")
         from detoxflow.flows.train import train_flow
 
         return train_flow(cfg, resume_run_id=run_id, resume_key=key)
@@ -303,6 +317,7 @@ def sweep(
     set_: SetOpt = None,
     settings: Annotated[Path | None, typer.Option(
         help="YAML list of settings, e.g. [{label: rloo, ppo.backend: rloo}]; default: no KL, two fixed, two adaptive")] = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Train at several KL settings and chart the reward-hacking frontier (the `kl_sweep` flow)."""
     cfg = _checked(config, set_)
@@ -320,7 +335,12 @@ def sweep(
 
     resolve_settings(cfg, points)  # a bad setting fails here, before Prefect and MLflow start
     _quiet_prefect()
-    out.print_json(json.dumps(kl_sweep(cfg, points), default=str))
+    result = kl_sweep(cfg, points)
+    if json_:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        for line in str(result.get("headline", "")).split("; "):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -360,24 +380,44 @@ def generate(
 
 
 @app.command()
-def doctor() -> None:
-    """Check the servers, database, bucket and work pools a team run needs, and say what is wrong."""
+def doctor(
+    mode: Annotated[str, typer.Option(help="auto: team when a Prefect API or an MLflow server is configured, "
+                                           "else local; or local / team")] = "auto",
+) -> None:
+    """Check what the current mode needs (local: the home and its store; team: servers, database, bucket, work
+    pools) and say what is wrong; exit 0 when healthy."""
     from detoxflow.doctor import run_doctor
 
-    raise typer.Exit(run_doctor(out))
+    if mode not in ("auto", "local", "team"):
+        raise UserError(f"doctor --mode {mode}: use auto, local or team")
+    raise typer.Exit(run_doctor(out, mode=None if mode == "auto" else mode))
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="local UI port (127.0.0.1)")] = 5000) -> None:
+    """Open the results: start MLflow's UI on the current store (127.0.0.1) and print its link; with a tracking
+    server (team mode), print the MLflow and Prefect UIs' links."""
+    from detoxflow import ui as ui_mod
+
+    p = ui_mod.plan(port)
+    if p.command is None:
+        for label, link in p.links:
+            out.print(f"{label}: {link}", markup=False, highlight=False, soft_wrap=True)
+        return
+    raise typer.Exit(ui_mod.serve(p, lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True)))
 
 
 @app.command()
 def serve(
     mode: Annotated[str, typer.Argument(help="team: PostgreSQL + MLflow server + Prefect server + workers, natively")] = "team",
-    root: Annotated[Path, typer.Option(help="state folder for the native stack")] = Path(".detoxflow/team"),
+    root: Annotated[Path | None, typer.Option(help="state folder for the native stack; default: <home>/team")] = None,
 ) -> None:
     """Start the team stack natively (without Docker); Ctrl-C stops it."""
     if mode != "team":
         raise UserError(f"serve: unknown mode '{mode}'. Allowed: team")
     from detoxflow.team import serve_team
 
-    serve_team(root)
+    serve_team(root or paths.find_home().path / "team")
 
 
 @app.command()

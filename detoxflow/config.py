@@ -250,7 +250,10 @@ class OrchestrationConfig(_Section):
 class Config(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
-    work_dir: str = Field(".detoxflow", description="runs, checkpoints and local MLflow store")
+    work_dir: str | None = Field(
+        None, description="runs, checkpoints and the local MLflow store; unset: the detoxflow home (--home, "
+        "$DETOXFLOW_HOME, the nearest .detoxflow/ above the working directory, else ~/.local/share/detoxflow)",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     lora: LoraSection = LoraSection()

@@ -1,6 +1,7 @@
-"""`detoxflow doctor`: is everything a team run needs there and answering?
+"""`detoxflow doctor`: is everything the current mode needs there and answering?
 
-Each check is a small function returning :class:`Check` lines; :func:`run_doctor` prints them as ✔ / ✘ with
+Local mode (no Prefect API and no MLflow server configured) needs a home that can hold state and, once a run
+wrote one, a readable MLflow store; team mode needs the servers, database, bucket and work pools. Each check is a small function returning :class:`Check` lines; :func:`run_doctor` prints them as ✔ / ✘ with
 what to do, and returns the exit code (0 only when every check passed). Checks use plain HTTP against the
 Prefect and MLflow REST APIs so that they test what a worker or a client would actually reach.
 """
@@ -8,6 +9,7 @@ Prefect and MLflow REST APIs so that they test what a worker or a client would a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -270,11 +272,52 @@ def check_bucket(env: Mapping[str, str]) -> list[Check]:
 # --------------------------------------------------------------------------------------------- report
 
 
-def collect(env: Mapping[str, str] | None = None, prefect_yaml: Path | None = None) -> list[Check]:
-    """Every check against `env` (default: this process's environment)."""
+def current_mode(env: Mapping[str, str]) -> str:
+    """"team" when a Prefect API or an MLflow tracking server is configured (a team run uses both), else "local"."""
+    if _prefect_url(env) or (env.get("MLFLOW_TRACKING_URI") or "").startswith(("http://", "https://")):
+        return "team"
+    return "local"
+
+
+def check_local(env: Mapping[str, str]) -> list[Check]:
+    """Local mode: the home can hold state, and its MLflow store (if any run wrote one) is a readable database.
+    Prefect needs nothing: each run starts its own API server."""
+    import sqlite3
+
+    from detoxflow.locks import sqlite_path
+    from detoxflow.paths import find_home
+
+    home = find_home(env=env)
+    folder = home.path if home.path.exists() else next(p for p in home.path.parents if p.exists())
+    if not os.access(folder, os.W_OK):
+        return [Check(False, f"home {home.describe()} is not writable",
+                      "pass --home / set DETOXFLOW_HOME to a folder you can write")]
+    out = [Check(True, f"home {home.describe()}")]
+    state = Path(env["DETOXFLOW_WORK_DIR"]).expanduser() if env.get("DETOXFLOW_WORK_DIR") else home.path
+    store = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state.resolve() / 'mlflow.db'}"  # as paths.tracking_uri
+    db = sqlite_path(store)
+    if db is None or not db.is_file():
+        out.append(Check(None, f"MLflow store {store}: nothing run yet (`detoxflow run` creates it)"))
+        return out
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=TIMEOUT_S)) as conn:
+            n = conn.execute("SELECT count(*) FROM registered_models").fetchone()[0]
+    except sqlite3.Error as e:
+        return [*out, Check(False, f"MLflow store {db}: {e}", "move the file aside (or pick another --home) and run again")]
+    out.append(Check(True, f"MLflow store {store}: {n} registered model(s); `detoxflow ui` opens it"))
+    out.append(Check(None, "Prefect: local mode, each run starts its own API server"))
+    return out
+
+
+def collect(env: Mapping[str, str] | None = None, prefect_yaml: Path | None = None,
+            mode: str | None = None) -> list[Check]:
+    """Every check of ``mode`` (None: :func:`current_mode`) against ``env`` (default: this process's environment)."""
     env = os.environ if env is None else env
+    mode = mode or current_mode(env)
+    if mode == "local":
+        return [Check(None, "mode: local (no Prefect API, no MLflow server configured)"), *check_local(env)]
     pools = [p.strip() for p in env.get("DETOXFLOW_POOLS", DEFAULT_POOLS).split(",") if p.strip()]
-    checks: list[Check] = []
+    checks: list[Check] = [Check(None, "mode: team")]
     api = _prefect_url(env)
     checks += check_prefect_api(api)
     if api and checks[-1].ok:
@@ -293,9 +336,10 @@ def collect(env: Mapping[str, str] | None = None, prefect_yaml: Path | None = No
     return checks
 
 
-def run_doctor(console: Console, env: Mapping[str, str] | None = None, prefect_yaml: Path | None = None) -> int:
+def run_doctor(console: Console, env: Mapping[str, str] | None = None, prefect_yaml: Path | None = None,
+               mode: str | None = None) -> int:
     """Print each check as ✔ / ✘ (with the fix); 0 when all passed, 1 otherwise."""
-    checks = collect(env, prefect_yaml)
+    checks = collect(env, prefect_yaml, mode)
     for c in checks:
         if c.ok is None:
             console.print(f"· {c.what}", style="dim", markup=False, highlight=False, soft_wrap=True)

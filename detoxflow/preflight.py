@@ -11,11 +11,13 @@ read from. A failed check raises :class:`~detoxflow.errors.InputError` (exit 2) 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import importlib.machinery
 import importlib.util
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import yaml
@@ -24,12 +26,14 @@ from detoxflow import net
 from detoxflow.config import EMBEDDED_MODELS, Config, DataConfig, RewardConfig
 from detoxflow.errors import EnvironmentFault, InputError
 from detoxflow.locks import sqlite_path
-from detoxflow.paths import data_dir, tracking_uri
+from detoxflow.paths import data_dir, find_home, tracking_uri
 
 EXTENSIONS = (".jsonl", ".csv", ".parquet")  # as detoxflow.models.data (not imported: keep this module light)
 HEAD_LINES = 1000  # rows of each data file decoded before anything starts
 HEAD_BYTES = 4 << 20
 SERVER_TIMEOUT_S = 4.0
+HUB_TIMEOUT_S = 2.0  # a hub that does not answer in this long counts as unreachable (the check ends within it)
+_hub_probe: dict[str, str | None] = {}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 _REGISTRY_URI = ("models:/", "runs:/")
 
@@ -51,8 +55,55 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
 
 
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(hf_home).expanduser() / "hub"
+
+
+def in_hub_cache(repo_id: str, kind: str = "model") -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of ``repo_id`` (``kind``: model or dataset)."""
+    snapshots = _hub_cache() / f"{kind}s--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached (``HF_HUB_OFFLINE``, no answer within :data:`HUB_TIMEOUT_S`), or None
+    when it answers; asked once per process."""
+    if "reason" not in _hub_probe:
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            _hub_probe["reason"] = "HF_HUB_OFFLINE is set"
+        else:
+            endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+            seen: list[net.Response] = []
+            # a thread, so that a slow DNS lookup (not covered by the socket timeout) cannot hold the command
+            probe = threading.Thread(target=lambda: seen.append(net.request(f"{endpoint}/api/models?limit=1",
+                                                                           timeout=HUB_TIMEOUT_S)), daemon=True)
+            probe.start()
+            probe.join(HUB_TIMEOUT_S)
+            if not seen:
+                _hub_probe["reason"] = f"{endpoint} did not answer within {HUB_TIMEOUT_S:.0f} s"
+            else:
+                _hub_probe["reason"] = f"{endpoint}: {seen[0].reason}" if seen[0].status == 0 else None
+    return _hub_probe["reason"]
+
+
+def check_hub_reachable(field: str, repo_id: str, kind: str = "model") -> None:
+    """A hub id must be in the local cache or the hub must answer: with neither, one line saying to pass a local
+    directory (instead of minutes of retries and tracebacks from the loaders)."""
+    if in_hub_cache(repo_id, kind):
+        return
+    why = hub_unreachable()
+    if why is not None:
+        what = "a local folder that save_pretrained wrote" if kind == "model" else "a local data file or folder"
+        raise InputError(f"{field} '{repo_id}' is a hub id, but the hub is not reachable ({why}) and it is not in "
+                         f"the local cache {_hub_cache()}: pass {what} instead, or download it where there is internet")
+
+
 def check_model_name(field: str, name: str) -> None:
-    """``name`` is an embedded model, an existing local folder or a well-formed hub id."""
+    """``name`` is an embedded model, an existing local folder or a well-formed hub id that is cached or can be
+    downloaded."""
     if name in EMBEDDED_MODELS:
         return
     path = Path(name).expanduser()
@@ -63,6 +114,7 @@ def check_model_name(field: str, name: str) -> None:
     if _looks_like_path(name) or not _HUB_ID.fullmatch(name) or "--" in name or ".." in name:
         raise InputError(f"{field} '{name}': no such folder, and not a hub id (owner/name). Give a local "
                          f"save_pretrained folder, a hub id such as google/flan-t5-small, or one of {', '.join(EMBEDDED_MODELS)}")
+    check_hub_reachable(field, name)
 
 
 def _check_jsonl(path: Path) -> None:
@@ -115,8 +167,11 @@ def check_data(cfg: DataConfig) -> None:
     """The data source exists, has a supported format and the first rows of each of its files decode."""
     source = cfg.source
     if source.startswith("hf:"):
-        if not source[3:].strip():
+        dataset = source[3:].strip()
+        if not dataset:
             raise InputError("data.source 'hf:' has no dataset id; write e.g. hf:knkarthick/dialogsum")
+        if not Path(dataset).expanduser().exists() and _HUB_ID.fullmatch(dataset):
+            check_hub_reachable("data.source", dataset, kind="dataset")
         return
     path = data_dir() if source == "embedded" else Path(source).expanduser()
     if path.is_file():
@@ -177,15 +232,51 @@ def check_model_uri(uri: str, cfg: Config | None) -> None:
         store = tracking_uri(cfg, create=False)
         db = sqlite_path(store)
         if db is not None and not db.is_file():
-            raise InputError(f"--model {uri}: no tracking store here ({db} does not exist, nothing was run in this "
-                             "folder). Run the pipeline first, or set MLFLOW_TRACKING_URI to the store that holds "
-                             "the registry")
+            raise InputError(f"--model {uri}: no tracking store at {db} (home: {find_home().describe()}). Run the "
+                             "pipeline first, pass --home (or set DETOXFLOW_HOME) to the folder that holds "
+                             "mlflow.db, or set MLFLOW_TRACKING_URI to the store that holds the registry")
+        if db is not None and uri.startswith("models:/"):
+            check_registered(uri, db)
         return
     if "://" in uri or uri.startswith("mlflow-artifacts:"):
         return
     if not Path(uri).is_dir():
         raise InputError(f"--model {uri}: no such folder. Pass models:/NAME@alias, models:/NAME/VERSION, "
                          "runs:/RUN_ID/model or a model artifact folder")
+
+
+def check_registered(uri: str, db: Path) -> None:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` exists in the SQLite store ``db``, read with the
+    standard library (no MLflow import, so a miss is said within a second)."""
+    import sqlite3
+
+    ref = uri[len("models:/"):]
+    name, alias, version = ref, None, None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=SERVER_TIMEOUT_S)) as conn:
+            names = [r[0] for r in conn.execute("SELECT name FROM registered_models ORDER BY name")]
+            if name not in names:
+                known = ", ".join(names) or "none"
+                raise InputError(f"--model {uri}: no registered model '{name}' in {db} (registered: {known}). "
+                                 "Run the pipeline first, or pass --home / set DETOXFLOW_HOME to another store")
+            if alias is not None:
+                row = conn.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                                   (name, alias)).fetchone()
+                if row is None:
+                    have = [r[0] for r in conn.execute(
+                        "SELECT alias FROM registered_model_aliases WHERE name = ? ORDER BY alias", (name,))]
+                    raise InputError(f"--model {uri}: '{name}' has no alias '{alias}' in {db} (aliases: "
+                                     f"{', '.join(have) or 'none'}); use models:/{name}/<version> or another alias")
+            elif version is not None and version.isdigit():
+                if conn.execute("SELECT 1 FROM model_versions WHERE name = ? AND version = ?",
+                                (name, int(version))).fetchone() is None:
+                    raise InputError(f"--model {uri}: '{name}' has no version {version} in {db}")
+    except sqlite3.Error:
+        return  # not a store this check can read (an older schema, a lock): MLflow says what is wrong
 
 
 def preflight(cfg: Config, *, model_uri: str | None = None) -> None:

@@ -376,9 +376,12 @@ def publish_frontier(
 
 
 def sweep_headline(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per setting: label, KL, toxicity drop, ROUGE-L, alarms, decision."""
+    """One line per setting: label, KL, toxicity change vs the baseline (negative = less toxic, as in the run's
+    headline), ROUGE-L, alarms, decision."""
     def one(r: Mapping[str, Any]) -> str:
-        return (f"{r['label']}: KL {_cell(r.get('kl'), '.2f')}, toxicity {_cell(r.get('toxicity_drop'), '%')} "
-                f"less, ROUGE-L {_cell(r.get('rouge_l'), '.3f')}, {r.get('n_alarms', 0)} alarm(s), {r['decision']}")
+        drop = r.get("toxicity_drop")
+        change = None if drop is None else -float(drop)
+        return (f"{r['label']}: KL {_cell(r.get('kl'), '.2f')}, toxicity {_cell(change, '%')}, "
+                f"ROUGE-L {_cell(r.get('rouge_l'), '.3f')}, {r.get('n_alarms', 0)} alarm(s), {r['decision']}")
     return "; ".join(one(r) for r in rows)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -15,8 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
 import pytest
+
+# Each test session has its own detoxflow home (state: runs, the local MLflow store), never the user's or another
+# session's; a test that needs another sets DETOXFLOW_HOME, --home or work_dir itself.
+_SESSION_HOME = tempfile.mkdtemp(prefix="detoxflow-home-")
+os.environ["DETOXFLOW_HOME"] = _SESSION_HOME
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DIALOGSUM_DEV = PROJECT_ROOT.parent / "shared" / "data" / "dialogsum" / "dev.jsonl"

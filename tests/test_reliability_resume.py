@@ -291,7 +291,7 @@ def test_killed_pipeline_resumes_from_the_command_line(tmp_path, prefect_api):
     assert killed.returncode == 137, killed.stderr[-3000:]
     (parent,) = [r for r in all_runs(work) if "mlflow.parentRunId" not in r.data.tags]
 
-    again = detoxflow("run", work, prefect_api)
+    again = detoxflow("run", work, prefect_api, "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming run {parent.info.run_id} from step 2 of 5" in again.stderr.splitlines()
     runs = all_runs(work)

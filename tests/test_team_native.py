@@ -53,9 +53,9 @@ def _skip_reason() -> str | None:
 needs_postgres = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
 
-def doctor_output(env: dict[str, str], prefect_yaml: Path | None) -> tuple[int, str]:
+def doctor_output(env: dict[str, str], prefect_yaml: Path | None, mode: str | None = None) -> tuple[int, str]:
     buf = io.StringIO()
-    code = run_doctor(Console(file=buf, width=200, color_system=None), env=env, prefect_yaml=prefect_yaml)
+    code = run_doctor(Console(file=buf, width=200, color_system=None), env=env, prefect_yaml=prefect_yaml, mode=mode)
     return code, buf.getvalue()
 
 
@@ -76,7 +76,7 @@ def test_doctor_fails_with_a_fix_for_each_unreachable_service_and_hides_password
 
 
 def test_doctor_says_how_to_set_missing_urls() -> None:
-    code, out = doctor_output({}, None)
+    code, out = doctor_output({}, None, mode="team")  # nothing configured is local mode: team checks on request
     assert code == 1
     assert "export PREFECT_API_URL=" in out and "export MLFLOW_TRACKING_URI=" in out
 
