@@ -76,6 +76,7 @@ BATCH, MINI_BATCH, NEW_TOKENS = 16, 4, 32
 LORA_TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 CAUSAL = ("gpt2", "llama")  # the archs the RLOO peer runs (RLOOTrainer takes causal LMs only)
 PEERS = ("trl011", "rloo")
+FLOOR_ARCHS = ("t5", "gpt2")  # floor.py puts LoRA on q,v / c_attn: it has no Llama targets
 SIZES = ("tiny", "small", "base")
 # "base": the 250M class for GPU runs, the shapes of t5-base and gpt2-medium (random weights), over the small
 # models' tokenizers (vocab 2000): ~199M (T5) and ~305M (GPT-2) parameters. make_tiny_models.py knows tiny and
@@ -653,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each side this many times, alternating which goes first; figures are medians and the "
                          "ratio is the median of the per-repeat ratios (use 3+ on a busy machine)")
     ap.add_argument("--only", choices=["both", "ours", "peer"], default="both")
-    ap.add_argument("--floor", action="store_true", help="also time the shared floor.py on the same model dirs")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the shared floor.py on the same model dirs (t5, gpt2)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="a config override for our side, e.g. --set ppo.ppo_epochs=2 (repeatable)")
     ap.add_argument("--peer-venv", type=Path, default=None, help="the peer venv (env DETOXFLOW_PEER_VENV); built if missing")
@@ -730,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             if rloo_python is not None and arch in CAUSAL:
                 runs.append(("rloo", run_rloo, (rloo_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
                                                 a.clock)))
-            if a.floor:
+            if a.floor and arch in FLOOR_ARCHS:
                 runs.append(("floor", run_floor, (peer_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
                                                   a.clock)))
             done: dict[str, list[SideResult]] = {side: [] for side, _, _ in runs}
