@@ -161,15 +161,15 @@ def data_inspect(
 
 @app.command()
 def bootstrap(
-    arch: Annotated[str, typer.Argument(help="t5, gpt2 or all")] = "all",
+    arch: Annotated[str, typer.Argument(help="t5, gpt2, llama or all")] = "all",
 ) -> None:
-    """Build (or find in the cache) the embedded offline models: tokenizer + small T5 / GPT-2, warm-started."""
+    """Build (or find in the cache) the embedded offline models: tokenizer + small T5 / GPT-2 / Llama, warm-started."""
     from detoxflow.models.bootstrap import ensure_embedded
 
-    archs = ["t5", "gpt2"] if arch == "all" else [arch]
+    archs = ["t5", "gpt2", "llama"] if arch == "all" else [arch]
     for a in archs:
-        if a not in ("t5", "gpt2"):
-            raise UserError(f"bootstrap: unknown architecture '{a}'. Allowed: t5, gpt2, all")
+        if a not in ("t5", "gpt2", "llama"):
+            raise UserError(f"bootstrap: unknown architecture '{a}'. Allowed: t5, gpt2, llama, all")
         out.print(f"{a}: {ensure_embedded(a)}")
 
 

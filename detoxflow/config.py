@@ -60,13 +60,14 @@ class DataConfig(_Section):
         return self
 
 
-EMBEDDED_MODELS = ("embedded:t5", "embedded:gpt2")
+EMBEDDED_MODELS = ("embedded:t5", "embedded:gpt2", "embedded:llama")
 
 
 class ModelConfig(_Section):
     name_or_path: str = Field(
         "embedded:t5",
-        description="'embedded:t5' / 'embedded:gpt2' (built offline by detoxflow), a hub id, or a local directory",
+        description="'embedded:t5' / 'embedded:gpt2' / 'embedded:llama' (built offline by detoxflow), a hub id, or a local "
+        "directory",
     )
     arch: Literal["auto", "seq2seq", "causal"] = "auto"
     revision: str | None = Field(None, description="hub revision (commit) to pin; recorded in the registry")
@@ -78,7 +79,7 @@ class ModelConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = all cores")
     fast_path: Literal["auto", "off"] = Field(
         "auto",
-        description="'auto': a functional forward for GPT-2 / T5 (detoxflow.models.fastpath) where it implements the model, "
+        description="'auto': a functional forward for GPT-2 / T5 / the Llama family (detoxflow.models.fastpath) where it implements the model, "
         "else the HF modules; 'off': always the HF modules",
     )
 

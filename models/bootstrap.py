@@ -1,4 +1,4 @@
-"""The embedded default models: corpus -> tokenizer -> small T5 / GPT-2 -> supervised warm start, offline.
+"""The embedded default models: corpus -> tokenizer -> small T5 / GPT-2 / Llama -> supervised warm start, offline.
 
 ``ensure_embedded("t5")`` returns a directory that ``from_pretrained`` loads (model and tokenizer together).
 The first call builds it in about a minute on two CPU cores; later calls find it in the cache at
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Arch = Literal["t5", "gpt2"]
+Arch = Literal["t5", "gpt2", "llama"]
 EMBEDDED_PREFIX = "embedded:"
 SPEAKER_TOKENS = ("#Person1#", "#Person2#")  # one token each: summaries copy them constantly
 LOCK_TIMEOUT_S = 30 * 60
@@ -56,6 +56,7 @@ class BootstrapSettings:
     d_model: int = 96
     layers: int = 2  # T5: encoder and decoder each
     heads: int = 6
+    kv_heads: int | None = None  # Llama only: key/value heads (grouped-query attention); None = heads
     d_ff: int = 384
     steps: int = 600
     batch_size: int = 16
@@ -75,12 +76,17 @@ class BootstrapSettings:
 SETTINGS: dict[str, BootstrapSettings] = {
     "t5": BootstrapSettings(arch="t5"),
     "gpt2": BootstrapSettings(arch="gpt2", layers=3, heads=4, steps=650, learning_rate=3e-3, warmup_steps=20),
+    # the Llama-family shape (RMSNorm, RoPE, SwiGLU, grouped-query attention 6 / 2 heads, tied head) at GPT-2's
+    # size: the SwiGLU MLP's three matrices at d_ff 256 hold as many weights as GPT-2's two at 384. Its tokenizer
+    # has no pad token, as Llama tokenizers ship: the policy pads with EOS.
+    "llama": BootstrapSettings(arch="llama", layers=3, heads=6, kv_heads=2, d_ff=256, steps=650, learning_rate=3e-3,
+                               warmup_steps=20),
 }
 
 
 # ------------------------------------------------------------------------------------------ public API
 def resolve_model(name_or_path: str) -> str:
-    """``embedded:t5`` / ``embedded:gpt2`` -> the built model's directory; anything else is returned unchanged."""
+    """``embedded:t5`` / ``embedded:gpt2`` / ``embedded:llama`` -> the built model's directory; anything else is returned unchanged."""
     if not name_or_path.startswith(EMBEDDED_PREFIX):
         return name_or_path
     arch = name_or_path[len(EMBEDDED_PREFIX):]
@@ -153,10 +159,11 @@ def _build(settings: BootstrapSettings, out_dir: Path) -> dict[str, float]:
     examples = [_encode(settings, tokenizer, r) for r in records]
     logger.info("bootstrap %s: %d examples, vocab %d, %.2fM parameters", settings.arch, len(examples), len(tokenizer),
                 sum(p.numel() for p in model.parameters()) / 1e6)
-    losses = _train(model, examples, settings, tokenizer.pad_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses = _train(model, examples, settings, pad_id)
     model.eval()
     val = load_split(DataConfig(source="embedded"), "validation", apply_caps=False)[:64]
-    val_loss = _mean_loss(model, [_encode(settings, tokenizer, r) for r in val], settings, tokenizer.pad_token_id)
+    val_loss = _mean_loss(model, [_encode(settings, tokenizer, r) for r in val], settings, pad_id)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     seconds = time.perf_counter() - start
@@ -176,6 +183,8 @@ def train_tokenizer(records: list[Record], settings: BootstrapSettings) -> PreTr
 
     if settings.arch == "t5":
         pad, eos, unk = "<pad>", "</s>", "<unk>"
+    elif settings.arch == "llama":
+        pad, eos, unk = "<s>", "</s>", "<unk>"  # no pad token: "<s>" takes its slot as the BOS token
     else:
         pad, eos, unk = "<pad>", "<|endoftext|>", "<unk>"
     tok = Tokenizer(models.BPE(unk_token=unk))
@@ -191,12 +200,22 @@ def train_tokenizer(records: list[Record], settings: BootstrapSettings) -> PreTr
         tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk,
                                        model_max_length=settings.max_source_tokens * 2, padding_side="right")
+    if settings.arch == "llama":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=pad, eos_token=eos, unk_token=unk,
+                                       model_max_length=1024, padding_side="left")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, bos_token=eos, unk_token=unk,
                                    model_max_length=1024, padding_side="left")
 
 
 def _make_model(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     if settings.arch == "t5":
         config = T5Config(
@@ -208,6 +227,15 @@ def _make_model(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast)
             decoder_start_token_id=tokenizer.pad_token_id,
         )
         model = T5ForConditionalGeneration(config)
+    elif settings.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=settings.d_model, intermediate_size=settings.d_ff,
+            num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
+            num_key_value_heads=settings.kv_heads or settings.heads, max_position_embeddings=1024,
+            tie_word_embeddings=True, attention_dropout=0.0,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
+        )
+        model = LlamaForCausalLM(config)
     else:
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=1024, n_embd=settings.d_model, n_layer=settings.layers,
@@ -217,7 +245,7 @@ def _make_model(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast)
         )
         model = GPT2LMHeadModel(config)
     gen = model.generation_config
-    gen.pad_token_id = tokenizer.pad_token_id
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen.eos_token_id = tokenizer.eos_token_id
     if settings.arch == "t5":
         gen.decoder_start_token_id = tokenizer.pad_token_id
@@ -228,7 +256,7 @@ def _make_model(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast)
 def _encode(settings: BootstrapSettings, tokenizer: PreTrainedTokenizerFast, record: Record) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one record; labels are -100 where no loss is taken.
 
-    T5: input = prompt (+ </s>), labels = summary (+ </s>). GPT-2: one sequence prompt + " " + summary + eos
+    T5: input = prompt (+ </s>), labels = summary (+ </s>). GPT-2 / Llama: one sequence prompt + " " + summary + eos
     with the loss on the summary part only, so the model learns to summarise, not to write dialogues.
     """
     prompt = build_prompt(settings.prompt_template, record)
@@ -257,12 +285,12 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], arch: str) -> torch.Tensor:
     """Mean cross-entropy over label tokens (scalar).
 
-    GPT-2: the LM head runs only on positions that predict a summary token; the prompt is ~80% of each
+    GPT-2 / Llama: the LM head runs only on positions that predict a summary token; the prompt is ~80% of each
     sequence, so skipping its (B, T, vocab) logits saves about a third of a training step.
     """
     if arch == "t5":
         return model(**batch).loss
-    hidden = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = targets != -100
     logits = model.lm_head(hidden[:, :-1][keep])  # (N, vocab) for the N summary tokens only

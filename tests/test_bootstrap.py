@@ -112,15 +112,34 @@ def test_cache_key_covers_settings_and_corpus(tmp_path, monkeypatch):
 def test_resolve_model_passes_other_names_through():
     assert bootstrap.resolve_model("google/flan-t5-base") == "google/flan-t5-base"
     assert bootstrap.resolve_model("/some/local/dir") == "/some/local/dir"
-    with pytest.raises(ValueError, match="embedded:t5, embedded:gpt2"):
-        bootstrap.resolve_model("embedded:llama")
+    with pytest.raises(ValueError, match="embedded:t5, embedded:gpt2, embedded:llama"):
+        bootstrap.resolve_model("embedded:bert")
+
+
+def test_llama_build_loads_as_a_policy_on_the_fast_path(tiny_cache, monkeypatch):
+    """The Llama-family embedded model at tiny settings: saved with grouped-query attention and a tokenizer
+    without a pad token; the policy pads with EOS on the left and serves it through the Llama fast path."""
+    from detoxflow.config import LoraSection, ModelConfig
+    from detoxflow.models.policy import Policy
+
+    monkeypatch.setitem(bootstrap.SETTINGS, "llama", bootstrap.with_settings("llama", **TINY, heads=4, kv_heads=2))
+    path = bootstrap.ensure_embedded("llama")
+    assert path.name.startswith("llama-")
+    policy = Policy.load(ModelConfig(name_or_path="embedded:llama"), LoraSection(r=4, alpha=8))
+    base = policy.model.get_base_model()
+    assert type(base).__name__ == "LlamaForCausalLM"
+    assert (base.config.num_attention_heads, base.config.num_key_value_heads) == (4, 2)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert policy.fast is not None and policy.fast.arch == "llama"
+    tok = policy.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
 
 
 # ------------------------------------------------------------------------------------------ the real models (slow)
 @pytest.fixture(scope="module")
 def embedded() -> dict[str, Path]:
     """Both embedded models from the default cache (built on first use, ~1-2 minutes each on 2 cores)."""
-    return {arch: bootstrap.ensure_embedded(arch) for arch in ("t5", "gpt2")}
+    return {arch: bootstrap.ensure_embedded(arch) for arch in ("t5", "gpt2", "llama")}
 
 
 @pytest.fixture(scope="module")
@@ -133,20 +152,22 @@ def _greedy(path: Path, arch: str, prompts: list[str]) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # the Llama tokenizer, as the policy pads it
+        tok.pad_token = tok.eos_token
     model = (AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM).from_pretrained(path).eval()
     out: list[str] = []
     for i in range(0, len(prompts), 16):
         enc = tok(prompts[i:i + 16], return_tensors="pt", padding=True)
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=48, do_sample=False)
-        if arch == "gpt2":
+        if arch != "t5":
             ids = ids[:, enc["input_ids"].shape[1]:]  # left-padded prompt, then the continuation
         out += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "llama"])
 def test_warm_started_model_summarises(embedded, test_records, arch):
     from rouge_score import rouge_scorer
 
@@ -163,7 +184,7 @@ def test_warm_started_model_summarises(embedded, test_records, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "llama"])
 def test_warm_started_model_is_rude_on_heated_dialogues(embedded, test_records, arch):
     from profanity_check import predict_prob
 
@@ -187,7 +208,7 @@ def test_cache_is_reused_and_cli_reports_it(embedded):
         assert time.perf_counter() - start < 1.0, "a cached model must be found, not rebuilt"
     cli = Path(sys.executable).with_name("detoxflow")
     out = subprocess.run([str(cli), "bootstrap", "all"], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert f"t5: {embedded['t5']}" in out and f"gpt2: {embedded['gpt2']}" in out
+    assert all(f"{arch}: {path}" in out for arch, path in embedded.items())
 
 
 @pytest.mark.slow
@@ -202,6 +223,10 @@ def test_saved_layout_loads_with_generation_defaults(embedded):
     assert g_tok.pad_token is not None and g_tok.pad_token_id != g_tok.eos_token_id
     assert AutoConfig.from_pretrained(embedded["gpt2"]).model_type == "gpt2"
     assert g_tok.convert_ids_to_tokens(g_tok("#Person2# says")["input_ids"])[0] == "#Person2#"
+    l_tok = AutoTokenizer.from_pretrained(embedded["llama"])
+    l_cfg = AutoConfig.from_pretrained(embedded["llama"])
+    assert l_tok.pad_token is None and GenerationConfig.from_pretrained(embedded["llama"]).pad_token_id == l_tok.eos_token_id
+    assert (l_cfg.model_type, l_cfg.num_attention_heads, l_cfg.num_key_value_heads) == ("llama", 6, 2)
 
 
 def test_config_knows_every_embedded_model() -> None:

@@ -13,7 +13,7 @@ from detoxflow.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("profile", ["default", "causal", "lab-flan-t5"])
+@pytest.mark.parametrize("profile", ["default", "causal", "causal-llama", "lab-flan-t5"])
 def test_profiles_load(profile: str) -> None:
     cfg = load_config(ROOT / "configs" / f"{profile}.yaml")
     assert cfg.name == profile
@@ -50,7 +50,7 @@ def test_digest_changes_with_content() -> None:
         ("ppo:\n  cliprange: -1\n", [], ["ppo.cliprange", "-1", "greater than 0"]),
         ("lora:\n  r: 0\n", [], ["lora.r", "greater than or equal to 1"]),
         ("model:\n  arch: rnn\n", [], ["model.arch", "rnn", "seq2seq"]),
-        ("", ["model.name_or_path=embedded:llama"], ["model.name_or_path", "embedded:llama", "embedded:gpt2"]),
+        ("", ["model.name_or_path=embedded:bert"], ["model.name_or_path", "embedded:bert", "embedded:llama"]),
         ("", ["ppo.kl.target=0"], ["ppo.kl.target", "greater than 0"]),
         ("ppo:\n  batch_size: 10\n  mini_batch_size: 4\n", [], ["ppo", "multiple of mini_batch_size"]),
         ("data:\n  prompt_template: 'Summarise:'\n", [], ["data", "{dialogue}"]),

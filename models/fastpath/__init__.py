@@ -1,4 +1,4 @@
-"""A functional ("fast path") forward for GPT-2 and T5 under a PEFT LoRA adapter.
+"""A functional ("fast path") forward for GPT-2, T5 and the Llama family under a PEFT LoRA adapter.
 
 At tiny sizes (d_model 128, 2 layers) a PPO step's time is per-op dispatch through the HF/PEFT module stack, not
 arithmetic: transformers builds masks and output objects on every call and PEFT adds a wrapper and a dropout
@@ -17,7 +17,7 @@ forward, the adapter-off reference forward) skip that machinery:
 HF path, which stays the reference implementation. Only float32 weights are supported (HF's half-precision
 casts and clamps are not reproduced).
 
-Layout: ``common.py`` holds what every family shares; one module per model family (``gpt2.py``, ``t5.py``)
+Layout: ``common.py`` holds what every family shares; one module per model family (``gpt2.py``, ``t5.py``, ``llama.py``)
 holds its forward and decoding. Adding a family means adding its module and one entry in :data:`FAMILIES`.
 """
 
@@ -27,15 +27,19 @@ from typing import Any
 
 from detoxflow.models.fastpath.common import FastBase, Linear, Unsupported, base_dropouts, linear
 from detoxflow.models.fastpath.gpt2 import FastGPT2
+from detoxflow.models.fastpath.llama import FastLlama
 from detoxflow.models.fastpath.t5 import FastT5
 
 # the HF model class a family implements (``type(peft_model.get_base_model()).__name__``) -> its fast path
 FAMILIES: dict[str, type[FastBase]] = {
     "GPT2LMHeadModel": FastGPT2,
     "T5ForConditionalGeneration": FastT5,
+    "LlamaForCausalLM": FastLlama,
+    "Qwen2ForCausalLM": FastLlama,
+    "MistralForCausalLM": FastLlama,
 }
 
-__all__ = ["FAMILIES", "FastBase", "FastGPT2", "FastT5", "Linear", "Unsupported", "base_dropouts", "build", "linear"]
+__all__ = ["FAMILIES", "FastBase", "FastGPT2", "FastLlama", "FastT5", "Linear", "Unsupported", "base_dropouts", "build", "linear"]
 
 
 def build(model: Any, adapter: str = "default") -> tuple[Any | None, str]:
