@@ -1,4 +1,5 @@
-"""PPO throughput: detoxflow's PPO step vs the classic TRL 0.11 ``PPOTrainer``, side by side, in one invocation.
+"""PPO throughput: detoxflow's PPO step vs the classic TRL 0.11 ``PPOTrainer`` and TRL 1.16's ``RLOOTrainer``, side
+by side, in one invocation.
 
 For every (arch, size) pair this script runs, one after the other on the same machine and the same model
 directories:
@@ -8,10 +9,13 @@ directories:
   consecutive calls of the trainer's ``log(metrics, step)`` callable (so it covers everything the loop does);
 - **peer**: ``peer_trl011_ppo.py`` from the shared bench folder, in its own venv (trl 0.11.4,
   transformers 4.46.3, peft 0.13.2), which this script creates when it is missing;
+- **rloo** (causal archs, ``--peers`` with ``rloo``): ``peer_trl116_rloo.py``, TRL 1.16's ``RLOOTrainer`` (what a TRL
+  user picks today), in a second venv built the same way: 8 prompts x 2 completions = 16 samples per generation,
+  4 optimizer steps of 4, KL beta 0.05 to the adapter-off reference; its samples/s is 16 / median generation cycle;
 - optionally (``--floor``) ``floor.py``: the bare HF/PEFT calls every PPO step must make.
 
 Same settings both sides: batch 16, mini-batch 4, 1 PPO epoch, exactly 32 new tokens (min = max = 32,
-top_k 0, top_p 1), LoRA r=8 alpha=16 dropout 0.05 on q,v (T5) / c_attn (GPT-2), adaptive KL from 0.2,
+top_k 0, top_p 1), LoRA r=8 alpha=16 dropout 0.05 on q,v (T5) / c_attn (GPT-2) / q_proj,v_proj (Llama), adaptive KL from 0.2,
 reward 1 - P(offensive) from alt-profanity-check, learning rate 1.41e-5, median step time with the first step
 discarded as warm-up. Peak RSS of each side is read from outside, with ``os.wait4`` on its process.
 
@@ -19,9 +23,11 @@ Usage (from the project root, with the project venv active)::
 
     python benchmarks/ppo_throughput.py                          # tiny + small, t5 + gpt2, 3 timed steps
     python benchmarks/ppo_throughput.py --sizes tiny --archs gpt2 --steps 5 --floor
+    python benchmarks/ppo_throughput.py --archs t5,gpt2,llama --threads 1 --clock cpu   # + TRL 1.16 RLOO (causal)
     python benchmarks/ppo_throughput.py --only ours --set ppo.ppo_epochs=2   # iterate on our side alone
 
 Environment: ``DETOXFLOW_PEER_VENV`` (the peer venv, default ``<cache>/bench/peer-trl011``),
+``DETOXFLOW_RLOO_VENV`` (the RLOO peer's venv, default ``<cache>/bench/peer-trl116``),
 ``DETOXFLOW_PEER_BENCH`` (the folder with the peer scripts, default ``../shared/bench`` next to the project),
 ``DETOXFLOW_CACHE`` (cache root, default ``~/.cache/detoxflow``; models are built under ``<cache>/bench/models``).
 """
@@ -49,6 +55,7 @@ from detoxflow.atomic import atomic_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = "peer_trl011_ppo.py"
+RLOO_SCRIPT = "peer_trl116_rloo.py"
 FLOOR_SCRIPT = "floor.py"
 MODELS_SCRIPT = "make_tiny_models.py"
 # the peer's install lines: TRL 0.11 with the transformers / peft of its time; torch first so that pip does not
@@ -62,8 +69,14 @@ PEER_CHECK = (
     "assert trl.__version__ == '0.11.4', trl.__version__; "
     "assert transformers.__version__ == '4.46.3', transformers.__version__"
 )
+# the RLOO peer's install lines (its README): TRL 1.16 with current transformers / peft
+RLOO_PIP = (["torch==2.13.0"], ["trl==1.16.0", "peft", "datasets", "accelerate", "alt-profanity-check"])
+RLOO_CHECK = "import trl, peft, datasets, torch, profanity_check; assert trl.__version__ == '1.16.0', trl.__version__"
 BATCH, MINI_BATCH, NEW_TOKENS = 16, 4, 32
-LORA_TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"]}
+LORA_TARGETS = {"t5": ["q", "v"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+CAUSAL = ("gpt2", "llama")  # the archs the RLOO peer runs (RLOOTrainer takes causal LMs only)
+PEERS = ("trl011", "rloo")
+FLOOR_ARCHS = ("t5", "gpt2")  # floor.py puts LoRA on q,v / c_attn: it has no Llama targets
 SIZES = ("tiny", "small", "base")
 # "base": the 250M class for GPU runs, the shapes of t5-base and gpt2-medium (random weights), over the small
 # models' tokenizers (vocab 2000): ~199M (T5) and ~305M (GPT-2) parameters. make_tiny_models.py knows tiny and
@@ -110,20 +123,26 @@ def default_peer_venv() -> Path:
     return Path(os.environ.get("DETOXFLOW_PEER_VENV", cache_root() / "peer-trl011"))
 
 
-def check_bench_dir(bench: Path) -> None:
-    missing = [s for s in (PEER_SCRIPT, FLOOR_SCRIPT, MODELS_SCRIPT) if not (bench / s).is_file()]
+def default_rloo_venv() -> Path:
+    return Path(os.environ.get("DETOXFLOW_RLOO_VENV", cache_root() / "peer-trl116"))
+
+
+def check_bench_dir(bench: Path, rloo: bool = False) -> None:
+    wanted = (PEER_SCRIPT, FLOOR_SCRIPT, MODELS_SCRIPT, *((RLOO_SCRIPT,) if rloo else ()))
+    missing = [s for s in wanted if not (bench / s).is_file()]
     if missing:
         raise BenchError(
             f"peer bench folder {bench}: missing {', '.join(missing)}. Pass --peer-bench DIR (or set "
-            f"DETOXFLOW_PEER_BENCH) to the folder holding {PEER_SCRIPT}, {FLOOR_SCRIPT} and {MODELS_SCRIPT}"
+            f"DETOXFLOW_PEER_BENCH) to the folder holding {', '.join(wanted)}"
         )
 
 
-def ensure_peer_venv(venv: Path) -> Path:
+def ensure_peer_venv(venv: Path, pip: tuple[list[str], ...] = PEER_PIP, check: str = PEER_CHECK,
+                     what: str = "trl 0.11.4") -> Path:
     """The peer venv's python, creating the venv with the peer's pip lines when ``venv`` does not exist."""
     python = venv / "bin" / "python"
     if python.exists():
-        ok = subprocess.run([str(python), "-c", PEER_CHECK], capture_output=True, text=True, check=False)
+        ok = subprocess.run([str(python), "-c", check], capture_output=True, text=True, check=False)
         if ok.returncode == 0:
             return python
         if not (venv / ".detoxflow-peer").exists():
@@ -134,23 +153,31 @@ def ensure_peer_venv(venv: Path) -> Path:
         shutil.rmtree(venv)  # a half-built venv of our own from an interrupted run
     elif venv.exists():
         raise BenchError(f"{venv} exists but has no bin/python; pass another --peer-venv or remove that folder")
-    print(f"building the peer venv in {venv} (trl 0.11.4; a few minutes, once)", flush=True)
+    print(f"building the peer venv in {venv} ({what}; a few minutes, once)", flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     (venv / ".detoxflow-peer").write_text("built by benchmarks/ppo_throughput.py\n")
-    for pkgs in PEER_PIP:
+    # the pip that venv bundles can be too old for the index (pip 23.2 failed on a version it could not parse)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-U", "pip"], check=True)
+    for pkgs in pip:
         subprocess.run([str(python), "-m", "pip", "install", "-q", *pkgs], check=True)
-    subprocess.run([str(python), "-c", PEER_CHECK], check=True)
+    subprocess.run([str(python), "-c", check], check=True)
     return python
 
 
+def size_archs(size: str) -> tuple[str, ...]:
+    """The archs a size's model folder holds: make_tiny_models.py builds all three; base (below) t5 and gpt2."""
+    return tuple(BASE_SHAPES) if size == "base" else tuple(LORA_TARGETS)
+
+
 def ensure_models(models_root: Path, size: str, peer_python: Path, bench: Path) -> Path:
-    """``models_root/<size>/{t5,gpt2}`` built by the shared make_tiny_models.py (once; atomically).
+    """``models_root/<size>/{t5,gpt2,llama}`` built by the shared make_tiny_models.py (once; atomically; a folder
+    from before it built ``llama`` is rebuilt whole, so that every arch of a size comes from one build).
 
     Built with the peer's transformers 4.46: this project's transformers 5 reads that layout, the reverse is
     not guaranteed."""
     dest = models_root / size
-    if all((dest / a / "config.json").is_file() for a in LORA_TARGETS):
+    if all((dest / a / "config.json").is_file() for a in size_archs(size)):
         return dest
     small = ensure_models(models_root, "small", peer_python, bench) if size == "base" else None
     models_root.mkdir(parents=True, exist_ok=True)
@@ -289,6 +316,26 @@ def run_peer(python: Path, bench: Path, model_dir: Path, arch: str, steps: int, 
     res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
     res.gpu_peak_mb = gpu_peak(m.stdout)
     found = PEER_LINE.search(m.stdout)
+    if m.returncode != 0 or not found:
+        res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
+        return res
+    res.median_step_s = float(found.group(1))
+    res.samples_per_s = round(BATCH / res.median_step_s, 2)
+    return res
+
+
+RLOO_LINE = re.compile(r"median_cycle_s=([\d.]+) samples_per_s=([\d.]+)")
+
+
+def run_rloo(python: Path, bench: Path, model_dir: Path, arch: str, steps: int, threads: int, timeout: float,
+             clock: str = "wall") -> SideResult:
+    """TRL 1.16 ``RLOOTrainer``: ``steps`` timed generation cycles of 16 samples after one warm-up cycle."""
+    cmd = [str(python), str(bench / RLOO_SCRIPT), str(model_dir), "--arch", arch, "--cycles", str(steps)]
+    res = SideResult("rloo", load_before=loadavg())
+    m = run_measured(with_shim(cmd, clock, threads), child_env(threads), timeout)
+    res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
+    res.gpu_peak_mb = gpu_peak(m.stdout)
+    found = RLOO_LINE.search(m.stdout)
     if m.returncode != 0 or not found:
         res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
         return res
@@ -507,19 +554,20 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The headline table: samples/s each side, the ratio, peak RSS each side, the load while measuring."""
-    lines = [("| arch | size | ours samples/s | peer samples/s | ratio ours/peer | floor samples/s "
-              "| ours peak RSS MB | peer peak RSS MB | load (1 min) |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The headline table: samples/s of each side, our ratio to each peer (the median of the per-repeat ratios),
+    peak RSS of each side, the load while measuring. ``peer`` is TRL 0.11 PPO, ``rloo`` TRL 1.16 RLOO."""
+    lines = [("| arch | size | ours samples/s | TRL 0.11 PPO samples/s | ratio ours/PPO | TRL 1.16 RLOO samples/s "
+              "| ratio ours/RLOO | floor samples/s | ours peak RSS MB | PPO peak RSS MB | RLOO peak RSS MB | load (1 min) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        o, p, f = r.get("ours"), r.get("peer"), r.get("floor")
-        ratio = r.get("ratio")  # the median of the per-repeat ratios
-        loads = [s[k] for s in (o, p, f) if s for k in ("load_before", "load_after") if s.get(k) is not None]
+        o, p, q, f = r.get("ours"), r.get("peer"), r.get("rloo"), r.get("floor")
+        loads = [s[k] for s in (o, p, q, f) if s for k in ("load_before", "load_after") if s.get(k) is not None]
         load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
         lines.append(
             f"| {r['arch']} | {r['size']} | {fmt(o and o['samples_per_s'])} | {fmt(p and p['samples_per_s'])} "
-            f"| {fmt(ratio)} | {fmt(f and f['samples_per_s'])} | {fmt(o and o['peak_rss_mb'], '.0f')} "
-            f"| {fmt(p and p['peak_rss_mb'], '.0f')} | {load} |"
+            f"| {fmt(r.get('ratio'))} | {fmt(q and q['samples_per_s'])} | {fmt(r.get('ratio_rloo'))} "
+            f"| {fmt(f and f['samples_per_s'])} | {fmt(o and o['peak_rss_mb'], '.0f')} "
+            f"| {fmt(p and p['peak_rss_mb'], '.0f')} | {fmt(q and q['peak_rss_mb'], '.0f')} | {load} |"
         )
     return "\n".join(lines)
 
@@ -593,7 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="our side's model.device; the peer (accelerate) takes the GPU whenever one is visible, so "
                          "run --device cpu on a CPU-only machine or under CUDA_VISIBLE_DEVICES=''")
-    ap.add_argument("--archs", default="t5,gpt2", help="comma list of t5,gpt2")
+    ap.add_argument("--archs", default="t5,gpt2", help="comma list of t5,gpt2,llama")
+    ap.add_argument("--peers", default="trl011,rloo",
+                    help="comma list of trl011 (TRL 0.11 PPOTrainer, every arch) and rloo (TRL 1.16 RLOOTrainer, "
+                         "causal archs only: gpt2, llama)")
     ap.add_argument("--steps", type=int, default=3, help="timed PPO steps per run (one more runs first, as warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every measured process")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -603,10 +654,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each side this many times, alternating which goes first; figures are medians and the "
                          "ratio is the median of the per-repeat ratios (use 3+ on a busy machine)")
     ap.add_argument("--only", choices=["both", "ours", "peer"], default="both")
-    ap.add_argument("--floor", action="store_true", help="also time the shared floor.py on the same model dirs")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the shared floor.py on the same model dirs (t5, gpt2)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="a config override for our side, e.g. --set ppo.ppo_epochs=2 (repeatable)")
     ap.add_argument("--peer-venv", type=Path, default=None, help="the peer venv (env DETOXFLOW_PEER_VENV); built if missing")
+    ap.add_argument("--rloo-venv", type=Path, default=None,
+                    help="the RLOO peer's venv (env DETOXFLOW_RLOO_VENV); built if missing")
     ap.add_argument("--peer-bench", type=Path, default=None, help="folder of the peer scripts (env DETOXFLOW_PEER_BENCH)")
     ap.add_argument("--models-dir", type=Path, default=None, help="where the benchmark models are built and cached")
     ap.add_argument("--json", type=Path, default=None, help="results file (default .detoxflow/bench/ppo_throughput-<time>.json)")
@@ -630,13 +684,23 @@ def main(argv: list[str] | None = None) -> int:
     for s in sizes:
         if s not in SIZES:
             ap.error(f"--sizes: unknown size '{s}'; allowed: {', '.join(SIZES)}")
+    peers = [x for x in a.peers.split(",") if x]
     for x in archs:
         if x not in LORA_TARGETS:
             ap.error(f"--archs: unknown arch '{x}'; allowed: {', '.join(LORA_TARGETS)}")
+    for x in peers:
+        if x not in PEERS:
+            ap.error(f"--peers: unknown peer '{x}'; allowed: {', '.join(PEERS)}")
+    for s in sizes:
+        if [x for x in archs if x not in size_archs(s)]:
+            ap.error(f"--sizes {s} holds {', '.join(size_archs(s))} only; drop the other archs from --archs")
+    use_rloo = "rloo" in peers and a.only in ("both", "peer") and not a.profile and any(x in CAUSAL for x in archs)
     bench = (a.peer_bench or default_peer_bench()).resolve()
     try:
-        check_bench_dir(bench)
+        check_bench_dir(bench, rloo=use_rloo)
         peer_python = ensure_peer_venv((a.peer_venv or default_peer_venv()).resolve())
+        rloo_python = ensure_peer_venv((a.rloo_venv or default_rloo_venv()).resolve(), RLOO_PIP, RLOO_CHECK,
+                                       "trl 1.16.0") if use_rloo else None
         models_root = (a.models_dir or cache_root() / "models").resolve()
         dirs = {s: ensure_models(models_root, s, peer_python, bench) for s in sizes}
     except BenchError as e:
@@ -646,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now().astimezone()
     meta = {"date": started.isoformat(timespec="seconds"), "host": platform.node(), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "threads": a.threads, "clock": a.clock, "device": a.device, "gpu": gpu_name(), "steps": a.steps, "repeats": a.repeats,
+            "threads": a.threads, "clock": a.clock, "peers": peers, "device": a.device, "gpu": gpu_name(), "steps": a.steps, "repeats": a.repeats,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "overrides": a.overrides, "load_at_start": list(os.getloadavg()),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "settings": {"batch": BATCH, "mini_batch": MINI_BATCH, "ppo_epochs": 1, "new_tokens": NEW_TOKENS,
@@ -662,10 +726,13 @@ def main(argv: list[str] | None = None) -> int:
             if a.only in ("both", "ours") or a.profile:
                 runs.append(("ours", run_ours, (model_dir, arch, a.steps, a.threads, a.overrides, a.timeout, a.clock,
                                                 a.profile, a.device)))
-            if a.only in ("both", "peer") and not a.profile:
+            if a.only in ("both", "peer") and not a.profile and "trl011" in peers:
                 runs.append(("peer", run_peer, (peer_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
                                                 a.clock)))
-            if a.floor:
+            if rloo_python is not None and arch in CAUSAL:
+                runs.append(("rloo", run_rloo, (rloo_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
+                                                a.clock)))
+            if a.floor and arch in FLOOR_ARCHS:
                 runs.append(("floor", run_floor, (peer_python, bench, model_dir, arch, a.steps, a.threads, a.timeout,
                                                   a.clock)))
             done: dict[str, list[SideResult]] = {side: [] for side, _, _ in runs}
@@ -683,11 +750,12 @@ def main(argv: list[str] | None = None) -> int:
                         print(res.error, file=sys.stderr)
             for side, results in done.items():
                 row[side] = combine(results)
-            if done.get("ours") and done.get("peer"):
-                ratios = [o.samples_per_s / p.samples_per_s for o, p in zip(done["ours"], done["peer"], strict=True)
-                          if o.samples_per_s and p.samples_per_s]
-                row["ratio_reps"] = [round(x, 3) for x in ratios]
-                row["ratio"] = round(statistics.median(ratios), 3) if ratios else None
+            for peer, key in (("peer", "ratio"), ("rloo", "ratio_rloo")):
+                if done.get("ours") and done.get(peer):
+                    ratios = [o.samples_per_s / p.samples_per_s for o, p in zip(done["ours"], done[peer], strict=True)
+                              if o.samples_per_s and p.samples_per_s]
+                    row[f"{key}_reps"] = [round(x, 3) for x in ratios]
+                    row[key] = round(statistics.median(ratios), 3) if ratios else None
             rows.append(row)
 
     print()
@@ -706,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_at_end"] = list(os.getloadavg())
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"\nresults: {out}")
-    failed = any(r.get(s, {}).get("error") for r in rows for s in ("ours", "peer", "floor"))
+    failed = any(r.get(s, {}).get("error") for r in rows for s in ("ours", "peer", "rloo", "floor"))
     return 1 if failed else 0
 
 
