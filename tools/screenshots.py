@@ -10,7 +10,7 @@ folder), runs ``detoxflow run`` against them, and stops them at the end. It then
 docs/img (``--out``): the pipeline's MLflow run, the registered model with its aliases, the version the gate
 decided on (its decision and reasons), and the Prefect flow run's summary artifact. Each page is loaded twice
 by ``chromium --headless``: ``--dump-dom`` first, and the PNG is kept only if the rendered DOM holds the words
-that page must show ("champion" and the gate's decision, the run's name): a login page, an error page or a page
+that page must show ("champion" and the gate's decision; the run's name and config): a login page, an error page or a page
 the JS app has not rendered yet fails the script (exit 1) with the page named, and leaves no PNG behind.
 
 Credentials for a stack with basic auth come from the variables the clients already use:
@@ -99,6 +99,7 @@ def local_servers(tmp: Path) -> Iterator[tuple[str, str]]:
                   "--serve-artifacts", "--artifacts-destination", str(tmp / "artifacts"),
                   "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1"]
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p_port)]
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{p_port}/api"  # the UI's own API calls (default port 4200)
     with process(mlflow_cmd, tmp / "mlflow.log", env, tmp), process(prefect_cmd, tmp / "prefect.log", env, tmp):
         mlflow_url, prefect_url = f"http://127.0.0.1:{m_port}", f"http://127.0.0.1:{p_port}"
         wait_http(f"{mlflow_url}/health", 180, "the MLflow server", tmp / "mlflow.log")
@@ -179,9 +180,9 @@ def with_credentials(url: str, kind: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{pw}@{parts.netloc}"))
 
 
-def chromium(*args: str, url: str, cwd: Path) -> str:
+def chromium(*args: str, url: str, cwd: Path, height: int = 1000) -> str:
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           "--window-size=1440,1000", f"--virtual-time-budget={BUDGET_MS}", *args, url]
+           f"--window-size=1440,{height}", f"--virtual-time-budget={BUDGET_MS}", *args, url]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=cwd, check=False)
     if proc.returncode != 0:
         raise ShotError(f"chromium failed ({proc.returncode}) on {url.split('@')[-1]}: {proc.stderr[-1000:]}")
@@ -194,8 +195,9 @@ def visible_text(dom: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
-def shoot(name: str, url: str, kind: str, must_show: list[str], out: Path, tmp: Path) -> Path:
-    """Render ``url``; keep ``out/<name>.png`` only if the page's text holds every word of ``must_show``."""
+def shoot(name: str, url: str, kind: str, must_show: list[str], out: Path, tmp: Path, height: int = 1000) -> Path:
+    """Render ``url``; keep ``out/<name>.png`` (1440 x ``height`` pixels) only if the page's text holds every
+    word of ``must_show`` (case-insensitive)."""
     full = with_credentials(url, kind)
     text = visible_text(chromium("--dump-dom", url=full, cwd=tmp))
     missing = [w for w in must_show if w.lower() not in text.lower()]
@@ -203,7 +205,7 @@ def shoot(name: str, url: str, kind: str, must_show: list[str], out: Path, tmp: 
         raise ShotError(f"{name}: {url} does not show {missing} (a login page, an error or not rendered); "
                         f"it shows: {text[:300]!r}")
     shot = tmp / f"{name}.png"
-    chromium(f"--screenshot={shot}", url=full, cwd=tmp)
+    chromium(f"--screenshot={shot}", url=full, cwd=tmp, height=height)
     if not shot.is_file() or shot.stat().st_size < 10_000:
         raise ShotError(f"{name}: chromium wrote no screenshot of {url}")
     out.mkdir(parents=True, exist_ok=True)
@@ -215,14 +217,16 @@ def shoot(name: str, url: str, kind: str, must_show: list[str], out: Path, tmp: 
 
 def capture(mlflow_url: str, prefect_url: str, o: Outcome, out: Path, tmp: Path) -> list[Path]:
     m, p = mlflow_url.rstrip("/"), prefect_url.rstrip("/")
+    verdict = o.decision.removesuffix("ed")  # 'promot' / 'reject': the summary's word and the version tag's
     return [
+        # the parent run holds the config and the stage timings; the decision lives on the version and the gate
         shoot("ui-mlflow-run", f"{m}/#/experiments/{o.experiment_id}/runs/{o.run_id}", "mlflow",
-              [o.run_name, o.decision], out, tmp),
+              [o.run_name, "ppo.kl.target", "time/total_s"], out, tmp),
         shoot("ui-mlflow-model", f"{m}/#/models/{o.model}", "mlflow", [o.model, "champion"], out, tmp),
         shoot("ui-mlflow-version", f"{m}/#/models/{o.model}/versions/{o.version}", "mlflow",
-              ["champion", o.decision], out, tmp),
+              ["champion", "promotion.decision", verdict, "promotion.reasons"], out, tmp, height=1600),
         shoot("ui-prefect-summary", f"{p}/artifacts/artifact/{o.artifact_id}", "prefect",
-              ["champion", o.decision], out, tmp),
+              [verdict, "toxicity", o.model], out, tmp, height=1400),
         shoot("ui-prefect-flow-run", f"{p}/runs/flow-run/{o.flow_run_id}", "prefect",
               ["pipeline", "Completed"], out, tmp),
     ]
