@@ -123,6 +123,14 @@ def config_show(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt =
     out.print(dump_yaml(cfg), end="", markup=False, highlight=False)
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the config reference page (every field, type, default, bounds) as markdown: > docs/config.md."""
+    from detoxflow.config_reference import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+
+
 @data_app.command("inspect")
 def data_inspect(
     config: ConfigOpt = Path("configs/default.yaml"),

@@ -9,22 +9,26 @@ from prefect import flow
 
 from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
+from detoxflow.tasks.config_source import ConfigFile, record_config, resolve_config
 from detoxflow.tasks.evaluation import evaluate_aligned
 from detoxflow.tasks.reporting import toxicity_outcome
 from detoxflow.tasks.stages import Stage, flow_run_record
 
 
 @flow(name="evaluate", description="Evaluate a model (models:/, runs:/ or a directory) against the baseline.")
-def evaluate_flow(cfg: Config, model_uri: str) -> dict[str, Any]:
+def evaluate_flow(cfg: Config | ConfigFile, model_uri: str) -> dict[str, Any]:
     """Prepare data and baseline (cached), evaluate ``model_uri`` with the same prompts and settings.
 
+    ``cfg``: a Config, or a :class:`~detoxflow.tasks.config_source.ConfigFile` read now (the deployments).
     Returns the model's metrics, the before/after comparison, the alarms and the stage timings."""
     t0 = time.perf_counter()
+    cfg, source = resolve_config(cfg)
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
     tags = {"detoxflow.model_uri": model_uri}
     with flow_run_record(cfg, f"{cfg.name}-evaluate", stage="evaluate", tags=tags) as rec:
         parent_id = rec.run_id
+        record_config(cfg, source, parent_id)
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
         with Stage("evaluate", cfg, parent_id, timings, cached) as st:
             evaluation = st.call(evaluate_aligned, cfg, data, model_uri, baseline, run_id=st.run_id)

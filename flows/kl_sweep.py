@@ -24,6 +24,7 @@ from prefect.logging import get_run_logger
 
 from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
+from detoxflow.tasks.config_source import ConfigFile, record_config, resolve_config
 from detoxflow.tasks.evaluation import evaluate_aligned
 from detoxflow.tasks.registry import champion_version, gate_and_promote, register_model
 from detoxflow.tasks.stages import Stage, flow_run_record
@@ -43,14 +44,16 @@ from detoxflow.tasks.training import train_ppo
 
 
 @flow(name="kl_sweep", description="Train at several KL settings; chart toxicity drop vs KL vs quality; gate each.")
-def kl_sweep(cfg: Config, settings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def kl_sweep(cfg: Config | ConfigFile, settings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the sweep for ``cfg``; returns the frontier (one row per setting), the files and the MLflow ids.
 
     ``settings``: ``[{"label": ..., "<ppo.* or lora.* key>": value, ...}, ...]``; None = the five default points
     of :func:`detoxflow.tasks.sweep.default_settings` (no KL, two fixed coefficients, adaptive at two targets).
+    ``cfg``: a Config, or a :class:`~detoxflow.tasks.config_source.ConfigFile` read now (the deployments).
     Bad settings fail before anything trains."""
     log = get_run_logger()
     t_start = time.perf_counter()
+    cfg, source = resolve_config(cfg)
     points = resolve_settings(cfg, settings)
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
@@ -59,6 +62,7 @@ def kl_sweep(cfg: Config, settings: list[dict[str, Any]] | None = None) -> dict[
     samples: dict[str, list[dict[str, Any]]] = {}
     with flow_run_record(cfg, f"{cfg.name}-kl-sweep", tags={TAG_SWEEP: "kl_sweep"}) as rec:
         parent_id = rec.run_id
+        record_config(cfg, source, parent_id)
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
         for i, point in enumerate(points, 1):
             log.info("KL sweep %d/%d: %s %s", i, len(points), point.label, point.overrides)

@@ -16,6 +16,7 @@ from prefect.logging import get_run_logger
 from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
 from detoxflow.flows.train import train_flow
+from detoxflow.tasks.config_source import ConfigFile, record_config, resolve_config
 from detoxflow.tasks.evaluation import evaluate_aligned
 from detoxflow.tasks.registry import gate_and_promote, register_model
 from detoxflow.tasks.reporting import build_summary, publish_summary
@@ -24,17 +25,20 @@ from detoxflow.tasks.training import run_train_deployment
 
 
 @flow(name="pipeline", description="Detoxify a language model: baseline, PEFT-PPO, evaluation, promotion gate.")
-def pipeline(cfg: Config, resume_run_id: str | None = None, resume_key: str | None = None) -> dict[str, Any]:
+def pipeline(cfg: Config | ConfigFile, resume_run_id: str | None = None, resume_key: str | None = None) -> dict[str, Any]:
     """Run every stage for ``cfg``; returns a summary (toxicity before/after, decision, version, timings).
 
+    ``cfg``: a Config, or a :class:`~detoxflow.tasks.config_source.ConfigFile` read now (the deployments);
     ``resume_run_id``: continue that unfinished pipeline run (its training resumes from its checkpoints);
     ``resume_key``: the command's fingerprint (``detoxflow run`` finds and resumes runs by it)."""
     log = get_run_logger()
     t_start = time.perf_counter()
+    cfg, source = resolve_config(cfg)
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
     with flow_run_record(cfg, cfg.name, resume_run_id=resume_run_id, resume_key=resume_key) as rec:
         parent_id = rec.run_id
+        record_config(cfg, source, parent_id)
         data, baseline = prepare_and_baseline(cfg, parent_id, timings, cached)
 
         team = cfg.orchestration.mode == "team"

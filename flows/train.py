@@ -12,12 +12,13 @@ from typing import Any
 from prefect import flow
 
 from detoxflow.config import Config
+from detoxflow.tasks.config_source import ConfigFile, record_config, resolve_config
 from detoxflow.tasks.training import log_train_result, train_ppo, train_run
 
 
 @flow(name="train", description="PEFT-PPO training with a KL-penalised reward; logs to MLflow, returns the model URI.")
 def train_flow(
-    cfg: Config,
+    cfg: Config | ConfigFile,
     parent_run_id: str | None = None,
     expected_train_digest: str | None = None,
     resume_run_id: str | None = None,
@@ -30,8 +31,11 @@ def train_flow(
     its own top-level run. ``expected_train_digest``: the digest the pipeline's ``prepare_data`` computed;
     a worker whose data differs fails instead of training on other prompts. ``resume_run_id`` / ``resume_key``:
     standalone only, the unfinished run ``detoxflow train`` continues and the fingerprint it tags its run with
-    (detoxflow.tasks.resume)."""
+    (detoxflow.tasks.resume). ``cfg``: a Config, or a :class:`~detoxflow.tasks.config_source.ConfigFile` read
+    now (the deployment)."""
+    cfg, source = resolve_config(cfg)
     with train_run(cfg, parent_run_id, resume_run_id=resume_run_id, resume_key=resume_key) as run_id:
+        record_config(cfg, source, run_id)
         result = train_ppo(cfg, run_id, parent_run_id or run_id, expected_train_digest)
         # Team mode: the pipeline on another machine reads this back (Prefect results may not be shared).
         log_train_result(result, run_id)

@@ -1,8 +1,10 @@
 """prefect.yaml and the team path, for real.
 
 Fast checks (no server): every deployment's entrypoint loads the flow it names, from the project root as
-`prefect deploy` resolves it; parameters validate as the Config; the nightly pipeline is configs/default.yaml
-in team mode; pools and schedules are the ones a team relies on.
+`prefect deploy` resolves it; its `cfg` parameter names a file under configs/ (plus overrides) that is read when
+the run starts, so the nightly pipeline is configs/default.yaml in team mode, and an edit of the file is what
+the next run uses; the run form offers the file and the overrides; pools and schedules are the ones a team
+relies on.
 
 Integration (a real `prefect server`, `prefect deploy --all`, a process worker per pool): the cron schedule
 produces runs, and the pipeline deployment, in team mode on a tiny config, runs on the `cpu` worker while its
@@ -12,6 +14,7 @@ training sub-run is executed by the `gpu` worker; the model it trained ends up r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -26,7 +29,8 @@ import pytest
 import yaml
 from servers import ManagedProcess, free_port, http_ok, wait_until
 
-from detoxflow.config import Config, config_from_dict, load_config
+from detoxflow.config import Config, ConfigError, load_config
+from detoxflow.tasks.config_source import ConfigFile, ConfigSource, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -55,23 +59,88 @@ def test_entrypoints_load_the_named_flows_from_the_project_root(monkeypatch):
     for name, d in found.items():
         flow = load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False)
         assert flow.name == d["flow_name"], name
-        # the Config is the flow parameter: the UI renders it as a form from this schema
+        # the parameter schema `prefect deploy` registers, which the UI renders as the run form: `cfg` is a
+        # config file with its overrides, or a whole config inline
         schema = flow.parameters.model_dump()
         assert "cfg" in schema["properties"] and "cfg" in schema["required"], name
+        offered = {ref["$ref"].rsplit("/", 1)[-1] for ref in schema["properties"]["cfg"]["anyOf"]}
+        assert offered == {"Config", "ConfigFile"}, name
+        form = schema["definitions"]["ConfigFile"]
+        assert form["properties"]["overrides"] == {**form["properties"]["overrides"], "type": "array",
+                                                   "items": {"type": "string"}}
+        assert form["required"] == ["file"]
+        # the deployment's parameters are what the flow accepts: its cfg is a file reference, not a copy
+        params = flow.validate_parameters(d["parameters"])
+        assert isinstance(params["cfg"], ConfigFile), name
 
 
-def test_parameters_validate_and_nightly_is_the_default_config_in_team_mode():
+def test_deployments_read_the_project_config_files_and_nightly_is_default_in_team_mode():
     found = deployments()
     for name, d in found.items():
-        cfg = config_from_dict(d["parameters"]["cfg"], origin=f"prefect.yaml {name}")
-        assert isinstance(cfg, Config)
-    nightly = config_from_dict(found["pipeline/nightly"]["parameters"]["cfg"])
+        ref = ConfigFile.model_validate(d["parameters"]["cfg"])
+        cfg, source = resolve_config(ref)
+        assert cfg == load_config(ROOT / ref.file, ref.overrides), name
+        assert source.file_digest == hashlib.sha256((ROOT / ref.file).read_bytes()).hexdigest()[:16], name
+    files = {name: d["parameters"]["cfg"]["file"] for name, d in found.items()}
+    assert files == {"pipeline/nightly": "configs/default.yaml", "train/train-gpu": "configs/default.yaml",
+                     "evaluate/evaluate-cpu": "configs/default.yaml", "promote/promote-cpu": "configs/default.yaml",
+                     "kl_sweep/weekly": "configs/sweep.yaml"}
+    nightly, _ = resolve_config(ConfigFile.model_validate(found["pipeline/nightly"]["parameters"]["cfg"]))
     assert nightly == load_config(ROOT / "configs" / "default.yaml", ["orchestration.mode=team"])
     assert nightly.orchestration.train_deployment == "train/train-gpu"
     # the deployment the pipeline calls is the one prefect.yaml registers, on the gpu pool
     assert found[nightly.orchestration.train_deployment]["work_pool"]["name"] == "gpu"
     assert found["train/train-gpu"]["concurrency_limit"] == 1
     assert [s["cron"] for s in found["pipeline/nightly"]["schedules"]] == ["0 2 * * *"]
+
+
+def project_with_config(root: Path, text: str) -> Path:
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    path = root / "configs" / "nightly.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_file_is_read_when_the_run_starts_with_its_digest_and_overrides(tmp_path):
+    ref = ConfigFile(file="configs/nightly.yaml", overrides=["ppo.kl.target=3", "orchestration.mode=team"])
+    path = project_with_config(tmp_path, "name: nightly\nppo:\n  steps: 40\n")
+    cfg, source = resolve_config(ref, root=tmp_path)
+    assert (cfg.name, cfg.ppo.steps, cfg.ppo.kl.target, cfg.orchestration.mode) == ("nightly", 40, 3.0, "team")
+    assert source.file_digest == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert source.mlflow_tags() == {
+        "detoxflow.config_file": "configs/nightly.yaml",
+        "detoxflow.config_file_digest": hashlib.sha256(b"name: nightly\nppo:\n  steps: 40\n").hexdigest()[:16],
+        "detoxflow.config_overrides": "ppo.kl.target=3\norchestration.mode=team",
+    }
+    # an edit of the file is what the next run trains, under a new digest
+    path.write_text("name: nightly\nppo:\n  steps: 7\n")
+    cfg2, source2 = resolve_config(ref, root=tmp_path)
+    assert cfg2.ppo.steps == 7 and source2.file_digest != source.file_digest
+    # an inline config is passed through, with nothing to tag
+    assert resolve_config(cfg2) == (cfg2, ConfigSource())
+    assert ConfigSource().mlflow_tags() == {}
+
+
+@pytest.mark.parametrize(("file", "says"), [
+    ("configs/missing.yaml", "not found"),
+    ("prefect.yaml", "configs/ folder"),
+    ("configs/../prefect.yaml", "configs/ folder"),
+    ("/etc/passwd", "configs/ folder"),
+])
+def test_a_file_outside_configs_or_missing_is_one_clear_error(tmp_path, file, says):
+    project_with_config(tmp_path, "name: nightly\n")
+    (tmp_path / "prefect.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError) as err:
+        resolve_config(ConfigFile(file=file), root=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"config file '{file}':") and says in msg and "\n" not in msg
+    if says == "not found":
+        assert "configs/nightly.yaml" in msg  # names the files that exist
+
+
+def test_a_bad_override_names_the_field():
+    with pytest.raises(ConfigError, match="ppo.stepz"):
+        resolve_config(ConfigFile(file="configs/default.yaml", overrides=["ppo.stepz=3"]))
 
 
 # ------------------------------------------------------------------------------------------ the team path

@@ -320,6 +320,51 @@ def test_evaluate_flow_reuses_the_baseline_and_reproduces_the_pipeline_numbers(p
     assert again["toxicity_before"] == pytest.approx(first["toxicity_before"], abs=1e-9)
 
 
+def test_a_deployment_style_config_file_is_read_and_recorded_on_the_flow_run(project, monkeypatch):
+    """What a deployment passes: a file under configs/ plus overrides, read when the run starts; the file, its
+    digest and the overrides end up on the MLflow run and in a Prefect artifact of the flow run."""
+    import hashlib
+
+    import yaml
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from detoxflow.config import dump_yaml
+    from detoxflow.flows.evaluate import evaluate_flow
+    from detoxflow.tasks import config_source
+
+    cfg, first = project["cfg"], project["summary"]
+    home = project["root"] / "deployed-project"
+    (home / "configs").mkdir(parents=True)
+    text = dump_yaml(cfg).replace("n_table_samples: 3", "n_table_samples: 9")  # the override puts 3 back
+    (home / "configs" / "tiny.yaml").write_text(text)
+    monkeypatch.setattr(config_source, "PROJECT_ROOT", home)
+    ref = config_source.ConfigFile(file="configs/tiny.yaml", overrides=["eval.n_table_samples=3"])
+    state = evaluate_flow(ref, f"models:/{cfg.registered_model_name}/{first['version']}", return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    # it is the project's config again: the cached stages are hits and the numbers are the pipeline's
+    assert out["cached"]["prepare"] and out["cached"]["baseline"]
+    assert out["toxicity_after"] == pytest.approx(first["toxicity_after"], abs=1e-9)
+
+    run = mlflow_client(cfg).get_run(out["mlflow_run_id"])
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert {k: run.data.tags.get(k) for k in ("detoxflow.config_file", "detoxflow.config_file_digest",
+                                              "detoxflow.config_overrides", "detoxflow.config_digest")} == {
+        "detoxflow.config_file": "configs/tiny.yaml", "detoxflow.config_file_digest": digest,
+        "detoxflow.config_overrides": "eval.n_table_samples=3", "detoxflow.config_digest": cfg.digest()}
+    logged = mlflow_client(cfg).download_artifacts(run.info.run_id, "config.yaml", str(project["root"]))
+    assert yaml.safe_load(Path(logged).read_text()) == cfg.model_dump(mode="json")
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (md,) = [a for a in found if a.key == "detoxflow-config-tiny"]
+    assert md.type == "markdown"
+    assert "`configs/tiny.yaml`" in md.data and digest in md.data and "`eval.n_table_samples=3`" in md.data
+    assert cfg.digest() in md.data and "n_table_samples: 3" in md.data
+
+
 def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
     from detoxflow import tracking
     from detoxflow.flows.promote import promote_flow

@@ -112,14 +112,16 @@ def test_weekly_deployment_runs_the_sweep_profile_on_a_weekly_cron(monkeypatch):
     import yaml
     from prefect.flows import load_flow_from_entrypoint
 
-    from detoxflow.config import config_from_dict
+    from detoxflow.tasks.config_source import ConfigFile, resolve_config
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (weekly,) = [d for d in spec["deployments"] if (d["flow_name"], d["name"]) == ("kl_sweep", "weekly")]
     assert weekly["work_pool"]["name"] == "gpu"  # it trains in-process
     (schedule,) = weekly["schedules"]
     assert schedule["cron"] == "0 3 * * 0" and schedule["active"]
-    assert config_from_dict(weekly["parameters"]["cfg"]) == load_config(ROOT / "configs" / "sweep.yaml")
+    # the file is read when the run starts: the run trains what configs/sweep.yaml says that day
+    cfg, _ = resolve_config(ConfigFile.model_validate(weekly["parameters"]["cfg"]))
+    assert cfg == load_config(ROOT / "configs" / "sweep.yaml")
     assert weekly["parameters"]["settings"] is None
     monkeypatch.chdir(ROOT)
     flow = load_flow_from_entrypoint(weekly["entrypoint"], use_placeholder_flow=False)
