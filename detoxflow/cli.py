@@ -138,32 +138,7 @@ def data_inspect(
     show: Annotated[int, typer.Option(help="records to print per split")] = 1,
 ) -> None:
     """Load every split of the configured dataset, validate it, and print sizes, digests and examples."""
-    from rich.table import Table
-
-    from detoxflow.models.data import available_splits, build_prompt, load_split, split_digest
-
-    cfg = _load(config, set_)
-    table = Table(title=f"data: {cfg.data.source}")
-    for col in ("split", "records", "digest", "mean dialogue chars", "mean summary words", "topics"):
-        table.add_column(col)
-    examples = []
-    for split in available_splits(cfg.data):
-        recs = load_split(cfg.data, split, apply_caps=False)
-        n = max(len(recs), 1)
-        table.add_row(
-            split,
-            str(len(recs)),
-            split_digest(recs),
-            f"{sum(len(r.dialogue) for r in recs) / n:.0f}",
-            f"{sum(len(r.summary.split()) for r in recs) / n:.1f}",
-            str(len({r.topic for r in recs})),
-        )
-        examples.extend((split, r) for r in recs[:show])
-    out.print(table)
-    for split, r in examples:
-        out.rule(f"{split}: {r.id} ({r.topic})")
-        out.print(build_prompt(cfg.data.prompt_template, r), markup=False, highlight=False)
-        out.print(f"[bold]reference:[/bold] {r.summary}")
+    terminal.print_data_inspection(out, _load(config, set_).data, show)
 
 
 @app.command()

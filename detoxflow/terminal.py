@@ -19,13 +19,16 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from detoxflow import errors
+
+if TYPE_CHECKING:
+    from detoxflow.config import DataConfig
 
 # Records from these loggers are detoxflow's own code; so are the Prefect run loggers' records made by code
 # outside the Prefect package (our flows and tasks log through ``get_run_logger``).
@@ -233,3 +236,23 @@ def print_summary(console: Console, summary: Mapping[str, Any], links: Sequence[
     console.print(summary_table(summary, links), highlight=False, soft_wrap=True)
 
 
+def print_data_inspection(out: Console, data_cfg: DataConfig, show: int) -> None:
+    """``detoxflow data inspect``: every split's size, digest and averages as a table, then ``show`` records of
+    each split as the prompt the model sees and its reference summary."""
+    from detoxflow.models.data import available_splits, build_prompt, load_split, split_digest
+
+    table = Table(title=f"data: {data_cfg.source}")
+    for col in ("split", "records", "digest", "mean dialogue chars", "mean summary words", "topics"):
+        table.add_column(col)
+    examples = []
+    for split in available_splits(data_cfg):
+        recs = load_split(data_cfg, split, apply_caps=False)
+        n = max(len(recs), 1)
+        table.add_row(split, str(len(recs)), split_digest(recs), f"{sum(len(r.dialogue) for r in recs) / n:.0f}",
+                      f"{sum(len(r.summary.split()) for r in recs) / n:.1f}", str(len({r.topic for r in recs})))
+        examples.extend((split, r) for r in recs[:show])
+    out.print(table)
+    for split, r in examples:
+        out.rule(f"{split}: {r.id} ({r.topic})")
+        out.print(build_prompt(data_cfg.prompt_template, r), markup=False, highlight=False)
+        out.print(f"[bold]reference:[/bold] {r.summary}")
