@@ -18,7 +18,7 @@ from detoxflow.models import trainer as trainer_mod
 from detoxflow.models.policy import Policy
 from detoxflow.models.ppo import logprobs_from_logits
 from detoxflow.models.reward import ScoreResult
-from detoxflow.models.sampling import SampledFrom, categorical, filter_logits
+from detoxflow.models.sampling import SampledFrom, categorical
 
 ARCHS = ["t5", "gpt2"]
 PROMPTS = [f"person one says the order {i} arrived late and the manager {w}" for i, w in
