@@ -157,7 +157,7 @@ def categorical(probs: torch.Tensor) -> torch.Tensor:
     50,257 tokens thousands of tokens could never be drawn; float64 moves that limit to 1e-16. A token with
     probability 0 (filtered, banned) is never drawn: it adds nothing to the CDF, and the one way to land on it -
     ``u`` rounding up to the total - falls back to the row's most likely token."""
-    cdf = probs.double().cumsum(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
     ok = probs.gather(1, idx) > 0
