@@ -305,9 +305,10 @@ def test_length_guard_fires(tiny_models, tmp_path: Path, monkeypatch) -> None:
 
 def test_one_kl_figure_for_reward_controller_logs(tiny_models, tmp_path: Path) -> None:
     """With ppo.kl.estimator k3, objective/kl is the k3 figure, and the adaptive controller moved the coefficient by
-    exactly the rule applied to that logged figure: coef_2 = coef_1 * (1 + clip(kl_1 / target - 1, +-0.2) * B / H)."""
+    exactly the rule applied to that logged figure: coef_2 = coef_1 * (1 + clip(kl_1 / target - 1, +-0.2) * B / H).
+    Top-k 20: the reference pass scores the rollout's kept set, so the untrained policy measures KL 0."""
     cfg = make_cfg(tiny_models, "t5", "ppo.kl.estimator=k3", "ppo.kl.target=0.05", "ppo.kl.horizon=8",
-                   "ppo.steps=3", "ppo.learning_rate=0.05")
+                   "ppo.steps=3", "ppo.learning_rate=0.05", "generation.top_k=20")
     torch.manual_seed(0)
     policy = Policy.load(cfg.model, cfg.lora)
     logged: list[dict[str, float]] = []
@@ -317,6 +318,8 @@ def test_one_kl_figure_for_reward_controller_logs(tiny_models, tmp_path: Path) -
         err = min(max(before["objective/kl"] / 0.05 - 1, -0.2), 0.2)
         assert after["objective/kl_coef"] == pytest.approx(before["objective/kl_coef"] * (1 + err * 4 / 8), rel=1e-9)
     assert any(row["objective/kl"] != row["objective/kl_k1"] for row in logged[1:])
+    # step 1: LoRA B is 0, the policy is its reference; scored under the same filter (EOS ban, top-k) KL is 0
+    assert abs(logged[0]["objective/kl_k1"]) < 1e-5 and abs(logged[0]["objective/kl_k3"]) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- settings digest
