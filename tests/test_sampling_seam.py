@@ -336,3 +336,13 @@ def test_sampling_changes_change_the_settings_digest(monkeypatch) -> None:
     assert evaluate.settings_digest(load_config(None, ["generation.temperature=0.7"])) != base
     monkeypatch.setattr(evaluate, "SAMPLER", "inverse-cdf-float32")
     assert evaluate.settings_digest(cfg) != base
+
+
+@pytest.mark.parametrize("backend", ["rloo", "grpo"])
+def test_trl_backends_run_without_dropout(backend: str, tmp_path: Path) -> None:
+    """The TRL backends ask TRL to turn dropout off too (our Policy already did; TRL's own switch covers the rest)."""
+    from detoxflow.models.trl_mapping import build_trl_args, plan_steps
+
+    cfg = load_config(None, [f"ppo.backend={backend}", "ppo.num_generations=4"])
+    args = build_trl_args(cfg, plan_steps(cfg.ppo), tmp_path, use_cpu=True)
+    assert args.disable_dropout is True
