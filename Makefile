@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test test-fast lint bootstrap clean
+.PHONY: install demo test test-fast test-floor lint bootstrap clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,21 @@ lint: install
 
 test: install lint
 	$(VENV)/bin/python -m pytest -q
+
+# The suite at the floor of every range in pyproject.toml (each "name>=X" pinned to X, the rest resolved by pip),
+# in its own venv: the floors claim only what this ran. Not part of `make test`. Torch's floor comes from PyPI
+# (a CUDA build); PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU one.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PINS = import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+  [print(m.group(1) + "==" + f.group(1)) for d in deps if (m := re.match(r"([A-Za-z0-9_.-]+)", d)) \
+   and (f := re.search(r">=([0-9][0-9A-Za-z.]*)", d))]
+test-floor:
+	python3 -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	python3 -c '$(FLOOR_PINS)' > $(FLOOR_VENV)/floor-pins.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floor-pins.txt -e ".[dev]"
+	$(FLOOR_VENV)/bin/python -m pip check
+	$(FLOOR_VENV)/bin/python -m pytest -q
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"

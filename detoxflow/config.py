@@ -106,7 +106,10 @@ class ModelConfig(_Section):
 class LoraSection(_Section):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="written to the adapter's PEFT config; never applied by PPO, whose passes all run without dropout",
+    )
     target_modules: list[str] | None = Field(None, description="None = per-architecture default (q,v for T5; c_attn for GPT-2)")
 
 
@@ -136,8 +139,9 @@ class RewardConfig(_Section):
 
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, le=4096)
-    min_new_tokens: int = Field(4, ge=0, description="length guard: responses cannot collapse below this")
-    do_sample: bool = True
+    min_new_tokens: int = Field(4, ge=0, description="EOS is banned before this many new tokens")
+    do_sample: bool = Field(True, description="training rollouts must sample: false is refused (eval.greedy picks "
+                            "greedy evaluation)")
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
@@ -176,8 +180,15 @@ class PPOConfig(_Section):
     ent_coef: float = Field(0.0, ge=0.0)
     whiten_rewards: bool = False
     score_clip: float | None = Field(None, gt=0.0)
-    length_penalty: float = Field(0.0, ge=0.0, description="subtracted per missing token below generation.min_new_tokens")
-    target_approx_kl: float | None = Field(1.0, gt=0.0, description="stop the PPO epochs of a step when approx-KL exceeds it")
+    length_penalty: float = Field(0.0, ge=0.0, description="length guard: subtracted from the score per token a "
+                                  "response has below ppo.min_length (EOS not counted)")
+    min_length: int = Field(0, ge=0, description="length guard threshold in tokens; with length_penalty > 0 it must "
+                            "exceed generation.min_new_tokens (shorter responses cannot be sampled)")
+    target_approx_kl: float | None = Field(
+        None, gt=0.0,
+        description="stop a step's PPO epochs after a mini-batch whose approx-KL 0.5*E[(log ratio)^2] exceeds it; "
+        "None (default): off, every epoch runs (0.01-0.05 is a usual setting)",
+    )
     kl: KLConfig = KLConfig()
     checkpoint_every: int = Field(5, ge=1)
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in <out>/checkpoints")
@@ -266,6 +277,25 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
+    @model_validator(mode="after")
+    def _check_sampling(self) -> Config:
+        if not self.generation.do_sample:
+            raise ValueError("generation.do_sample is false: training rollouts must be sampled (a greedy rollout "
+                             "gives PPO no probability ratio to work with); set generation.do_sample=true, and "
+                             "eval.greedy=true for greedy evaluation")
+        if self.ppo.backend != "ppo" and (self.generation.top_k or self.generation.top_p < 1.0):
+            raise ValueError(f"ppo.backend {self.ppo.backend} with generation.top_k/top_p: TRL scores tokens under "
+                             "the unfiltered softmax, not the filtered one they are drawn from; set "
+                             "generation.top_k=0 and generation.top_p=1.0, or use ppo.backend=ppo")
+        if self.ppo.length_penalty > 0 and self.ppo.min_length <= self.generation.min_new_tokens:
+            raise ValueError(f"ppo.length_penalty > 0 but ppo.min_length ({self.ppo.min_length}) <= "
+                             f"generation.min_new_tokens ({self.generation.min_new_tokens}): the sampler never ends "
+                             "a response that early, so the guard could not fire; raise ppo.min_length")
+        if self.ppo.min_length > self.generation.max_new_tokens:
+            raise ValueError(f"ppo.min_length ({self.ppo.min_length}) exceeds generation.max_new_tokens "
+                             f"({self.generation.max_new_tokens}): every response would be penalised")
+        return self
+
     @property
     def registered_model_name(self) -> str:
         return self.tracking.registered_model or f"detoxflow-{self.name}"
@@ -302,6 +332,8 @@ def _format_error(err: dict[str, Any], origin: str) -> str:
         allowed = _allowed_keys(parent)
         return f"{origin}: unknown field '{field}'. Allowed here: {', '.join(allowed)}"
     msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a check across sections names its fields itself
+        return f"{origin}: {msg}"
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     if len(shown) > 80:
         shown = shown[:77] + "..."

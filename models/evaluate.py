@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from detoxflow.config import Config, GenerationConfig
 from detoxflow.models import monitors
 from detoxflow.models.reward import Scorer, scorer_input
+from detoxflow.models.sampling import SAMPLER
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +190,10 @@ class EvalResult:
 
 def settings_digest(cfg: Config) -> str:
     """sha256 (16 hex) of everything besides the prompts that changes evaluation numbers: prompt template,
-    query truncation, generation, eval settings, the scorer and the seed."""
+    query truncation, generation, eval settings, the scorer, the seed, and the sampler's draw itself
+    (:data:`~detoxflow.models.sampling.SAMPLER`: a new draw gives other samples for the same seed)."""
     payload = {
+        "sampler": SAMPLER,
         "prompt_template": cfg.data.prompt_template,
         "max_query_tokens": cfg.data.max_query_tokens,
         "generation": cfg.generation.model_dump(mode="json"),

@@ -30,14 +30,22 @@ from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
 from detoxflow.models import artifact, sampling
 from detoxflow.models import prompts as prompts_mod
 from detoxflow.models.artifact import ARTIFACT_META, PolicyError
-from detoxflow.models.fastpath.common import base_dropouts
+from detoxflow.models.fastpath.common import dropouts
 from detoxflow.models.ppo import entropy_from_logits, logprobs_from_logits
-from detoxflow.models.sampling import Rollout, categorical, response_mask_from_eos, sample_token, trim_padding
+from detoxflow.models.sampling import (
+    Rollout,
+    SampledFrom,
+    categorical,
+    response_mask_from_eos,
+    sample_token,
+    trim_padding,
+)
 
 log = logging.getLogger(__name__)
 
 # defined with the code they belong to, importable from here as before
-__all__ = ["ARTIFACT_META", "Policy", "PolicyError", "Rollout", "categorical", "response_mask_from_eos", "sample_token"]
+__all__ = ["ARTIFACT_META", "Policy", "PolicyError", "Rollout", "SampledFrom", "categorical", "response_mask_from_eos",
+           "sample_token"]
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -48,14 +56,16 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _disable_base_dropout(model: nn.Module) -> None:
-    """Zero every dropout except LoRA's: PPO ratios compare two forwards of the same policy, which must agree.
+def _disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout, LoRA's included: PPO's ratio compares the training forward with the rollout that drew
+    the tokens, and its KL compares both with the reference pass; with dropout in one pass only, the ratio is not 1
+    before an update and the clip range fires on noise. No pass of the policy uses dropout, so ``lora.dropout``
+    is recorded in the adapter's PEFT config but never applied here.
 
     Besides ``nn.Dropout`` modules, some attentions keep their attention-probability dropout as a plain float read
     in train mode (T5Attention.dropout = config.dropout_rate, 0.1 in t5-small / flan-t5; Llama's
-    attention_dropout): without zeroing those, T5's training forward dropped attention weights that the rollout
-    and the reference forward did not."""
-    for _, module, attr, _ in base_dropouts(model):
+    attention_dropout): those are zeroed too."""
+    for _, module, attr, _ in dropouts(model):
         setattr(module, attr, 0.0)
 
 
@@ -89,11 +99,11 @@ class Policy:
 
     @classmethod
     def _assemble(cls, parts: artifact.Loaded, device: str, fast_path: str = "auto") -> Policy:
-        """Put the loaded parts on ``device``: base dropout off, the value head (zero-initialised, or the saved
+        """Put the loaded parts on ``device``: every dropout off, the value head (zero-initialised, or the saved
         weights), eval mode, the forward path chosen."""
         model = parts.model
         dev = _resolve_device(device)
-        _disable_base_dropout(model)
+        _disable_dropout(model)
         hidden = model.get_base_model().config.get_text_config(decoder=True).hidden_size
         # zero init: the first value estimates are 0 instead of noise that the first advantages would inherit
         value_head = nn.Linear(hidden, 1)
@@ -137,7 +147,7 @@ class Policy:
         self.value_head.load_state_dict(state["value_head"])
 
     def set_train(self, mode: bool) -> None:
-        """Train mode only matters for LoRA dropout (base dropout is off, see _disable_base_dropout). Does nothing
+        """Train mode changes no pass (every dropout is off, see _disable_dropout); kept for modules that read it. Does nothing
         when the model is already in that mode: ``train()`` walks every module (~2 ms at tiny sizes)."""
         if self.model.training != mode:
             self.model.train(mode)
@@ -312,12 +322,14 @@ class Policy:
         response_mask: torch.Tensor,
         with_entropy: bool = True,
         temperature: float = 1.0,
+        sampled_from: SampledFrom | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Adapter on: ``-> logprobs (B, Tr), values (B, Tr), entropy (B, Tr) or None``, all from ONE forward
-        (the value head reads the last hidden state of the decoder). Zero outside the response mask."""
+        (the value head reads the last hidden state of the decoder). Zero outside the response mask.
+        ``temperature`` and ``sampled_from`` (the rollout's filter, these rows): score the tokens under the
+        distribution they were drawn from, as the rollout did."""
         logits, hidden, tr = self._run(query_ids, query_mask, response_ids, response_mask, want_hidden=True)
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = _as_sampled(logits, temperature, sampled_from)
         logprobs = logprobs_from_logits(logits, response_ids[:, :tr])
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         entropy = entropy_from_logits(logits) if with_entropy else None
@@ -335,13 +347,15 @@ class Policy:
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         temperature: float = 1.0,
+        sampled_from: SampledFrom | None = None,
     ) -> torch.Tensor:
         """Reference logprobs ``(B, Tr)``: the same model with the adapter disabled (the base, or the merged SFT
-        policy), no gradient."""
+        policy), no gradient. With the policy's ``sampled_from``: the reference renormalised over the tokens the
+        policy's sampler could draw (its kept set, not one the reference would pick: a token the policy drew
+        outside the reference's own top-k would get log 0 = -inf)."""
         with torch.no_grad(), self.adapter_disabled():
             logits, _, tr = self._run(query_ids, query_mask, response_ids, response_mask, want_hidden=False)
-            if temperature != 1.0:
-                logits = logits / temperature
+            logits = _as_sampled(logits, temperature, sampled_from)
             logprobs = logprobs_from_logits(logits, response_ids[:, :tr])
         return _pad_to(logprobs, response_ids.shape[1]) * response_mask.to(logprobs.dtype)
 
@@ -362,6 +376,13 @@ def _select_fast_path(model: Any, setting: str) -> Any:
     else:
         log.info("forward path: fast path (%s)", reason)
     return fast
+
+
+def _as_sampled(logits: torch.Tensor, temperature: float, sampled_from: SampledFrom | None) -> torch.Tensor:
+    """``(B, Tr', V) -> (B, Tr', V)``: temperature-scaled, then the sampler's filter when given."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits if sampled_from is None else sampled_from.apply(logits)
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

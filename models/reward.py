@@ -356,9 +356,9 @@ def scorer_input(queries: Sequence[str], responses: Sequence[str], mode: str = "
     raise ValueError(f"reward.input = {mode!r}: allowed are 'summary' and 'query+summary'")
 
 
-def length_shortfall(lengths: torch.Tensor, min_new_tokens: int) -> torch.Tensor:
-    """``(B,)`` content tokens per completion (EOS excluded) -> ``(B,)`` tokens missing below ``min_new_tokens``."""
-    return (min_new_tokens - lengths).clamp(min=0)
+def length_shortfall(lengths: torch.Tensor, min_length: int) -> torch.Tensor:
+    """``(B,)`` content tokens per completion (EOS excluded) -> ``(B,)`` tokens missing below ``min_length``."""
+    return (min_length - lengths).clamp(min=0)
 
 
 def guarded_scores(
@@ -366,15 +366,17 @@ def guarded_scores(
     content_lengths: torch.Tensor | None,
     score_clip: float | None,
     length_penalty: float,
-    min_new_tokens: int,
+    min_length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a trainer optimises from the scorer's ``scores (B,)``: clipped to ``±score_clip`` (when set), minus
-    ``length_penalty`` per token missing below ``min_new_tokens`` (the length guard). ``content_lengths (B,)``:
-    tokens per response, EOS excluded; None for no guard. ``-> (clipped scores, missing tokens, reward)``, each ``(B,)`` in the dtype of ``scores``."""
+    ``length_penalty`` per token missing below ``min_length`` (``ppo.min_length``, the length guard).
+    ``content_lengths (B,)``: tokens per response, EOS excluded; None for no guard. The guard can fire only above
+    ``generation.min_new_tokens``: the sampler bans EOS before it (the config refuses a guard at or below it).
+    ``-> (clipped scores, missing tokens, reward)``, each ``(B,)`` in the dtype of ``scores``."""
     if score_clip is not None:
         scores = scores.clamp(-score_clip, score_clip)
     if content_lengths is None:
         missing = torch.zeros_like(scores)
     else:
-        missing = length_shortfall(content_lengths, min_new_tokens).to(scores.dtype)
+        missing = length_shortfall(content_lengths, min_length).to(scores.dtype)
     return scores, missing, scores - length_penalty * missing

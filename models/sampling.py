@@ -30,16 +30,65 @@ if TYPE_CHECKING:
 MERGE_LORA_MAX_BYTES = 16 * 2**20
 
 
+# Identifies the draw itself (how uniforms become tokens). It enters the evaluation settings digest: a change
+# here gives other samples for the same seed, so numbers measured before are not comparable with new ones.
+SAMPLER = "inverse-cdf-float64"
+
+
+@dataclass
+class SampledFrom:
+    """The distribution each response token was drawn from, as a filter over the temperature-scaled logits:
+    ``eos_token_id`` banned at positions ``t < min_new_tokens``, and, when top-k / top-p were active, ``keep
+    (B, Tr, V)`` bool, the tokens the sampler's filter left at each position (None: the whole vocabulary).
+
+    PPO scores every token under this same distribution in all three passes (rollout, training forward,
+    adapter-off reference): see :func:`filter_logits`."""
+
+    eos_token_id: int
+    min_new_tokens: int
+    keep: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> SampledFrom:
+        """The filter of the rows ``index`` (a mini-batch)."""
+        keep = None if self.keep is None else self.keep[index]
+        return SampledFrom(self.eos_token_id, self.min_new_tokens, keep)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, T', V) -> (B, T', V)``, position t scoring response token t (T' <= Tr): see :func:`filter_logits`."""
+        return filter_logits(logits, self.eos_token_id, self.min_new_tokens, self.keep)
+
+
 @dataclass
 class Rollout:
     """One batched sampling pass: ``response_ids``, ``response_mask (B, Tr)`` and, unless skipped, the behaviour
-    policy's ``logprobs``, ``values``, ``entropy (B, Tr)`` of the sampled tokens (zero outside the mask)."""
+    policy's ``logprobs``, ``values``, ``entropy (B, Tr)`` of the sampled tokens (zero outside the mask), and
+    ``sampled_from``, the filter that the training and reference passes apply to score the same distribution."""
 
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    sampled_from: SampledFrom | None = None
+
+
+def filter_logits(
+    logits: torch.Tensor, eos_token_id: int, min_new_tokens: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The sampler's filter on temperature-scaled ``logits (B, T', V) -> (B, T', V)`` (position t scores response
+    token t): the EOS logit at ``t < min_new_tokens`` and every token outside ``keep (B, >=T', V)`` bool are set to
+    the dtype's lowest finite value, so ``softmax`` gives them probability exactly 0 and the kept tokens the
+    renormalised distribution the sampler drew from. Finite rather than -inf: entropy (``p * log p``) and its
+    gradient stay finite."""
+    low = torch.finfo(logits.dtype).min
+    t = logits.shape[1]
+    if keep is not None:
+        logits = logits.masked_fill(~keep[:, :t], low)
+    n_ban = min(min_new_tokens, t)
+    if n_ban > 0:
+        logits = logits.clone() if keep is None else logits
+        logits[:, :n_ban, eos_token_id] = low
+    return logits
 
 
 def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -57,37 +106,58 @@ def trim_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return ids[:, keep], mask[:, keep]
 
 
-def sample_token(
-    logits: torch.Tensor, do_sample: bool, top_k: int = 0, top_p: float = 1.0, ban: int | None = None
-) -> torch.Tensor:
-    """Next tokens from temperature-scaled ``logits (B, V) -> (B,)``: multinomial after top-k / top-p filtering
-    (HF's order and tie rules), or argmax when ``do_sample`` is false; token ``ban`` (EOS before min_new_tokens)
-    is never chosen."""
-    if ban is not None:
-        logits = logits.clone()
-        logits[:, ban] = -math.inf
-    if not do_sample:
-        return logits.argmax(dim=-1)
+def keep_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor | None:
+    """The tokens top-k / top-p leave of ``logits (B, V) -> (B, V)`` bool (HF's order and tie rules), or None when
+    neither is active (every token kept). Tokens already at -inf (banned) count as probability 0."""
+    keep = None
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
+        keep = logits >= kth
+        logits = logits.masked_fill(~keep, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cum <= 1 - top_p
         drop_sorted[:, -1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), -math.inf)
-    return categorical(logits.softmax(dim=-1))
+        kept_p = ~drop_sorted.scatter(1, order, drop_sorted)
+        keep = kept_p if keep is None else keep & kept_p
+    return keep
+
+
+def sample_token(
+    logits: torch.Tensor, do_sample: bool, top_k: int = 0, top_p: float = 1.0, ban: int | None = None
+) -> torch.Tensor:
+    """Next tokens from temperature-scaled ``logits (B, V) -> (B,)``: a draw after the top-k / top-p filter
+    (:func:`keep_mask`), or argmax when ``do_sample`` is false; token ``ban`` (EOS before min_new_tokens) is never
+    chosen."""
+    return _draw(logits, do_sample, top_k, top_p, ban)[0]
+
+
+def _draw(
+    logits: torch.Tensor, do_sample: bool, top_k: int, top_p: float, ban: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sample_token` that also returns the keep mask ``(B, V)`` it drew under (None: all kept)."""
+    if ban is not None:
+        logits = logits.clone()
+        logits[:, ban] = -math.inf
+    if not do_sample:
+        return logits.argmax(dim=-1), None
+    keep = keep_mask(logits, top_k, top_p)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, -math.inf)
+    return categorical(logits.softmax(dim=-1)), keep
 
 
 def categorical(probs: torch.Tensor) -> torch.Tensor:
     """One draw per row from ``probs (B, V) -> (B,)`` by inverse CDF: one uniform per row against the cumulative
-    sum. The same distribution as ``torch.multinomial(probs, 1)``, whose CPU kernel draws one exponential per
-    vocabulary entry (0.8-0.9 ms for 16 x 2000, vs ~0.05 ms here: ~27 ms of a tiny model's 32-token rollout), but
-    a different random stream, so a seed gives other samples than before. A token with probability 0 (filtered,
-    banned) is never drawn: it adds nothing to the CDF, and the one way to land on it - ``u`` rounding up to the
-    total - falls back to the row's most likely token."""
-    cdf = probs.cumsum(dim=-1)
+    sum, both in float64. The same distribution as ``torch.multinomial(probs, 1)``, whose CPU kernel draws one
+    exponential per vocabulary entry (0.8-0.9 ms for 16 x 2000, vs ~0.05 ms here: ~27 ms of a tiny model's
+    32-token rollout), but a different random stream, so a seed gives other samples than before. In float32 the
+    running sum stops growing for tokens below half a unit in the last place of the sum (6e-8 near 1): at
+    50,257 tokens thousands of tokens could never be drawn; float64 moves that limit to 1e-16. A token with
+    probability 0 (filtered, banned) is never drawn: it adds nothing to the CDF, and the one way to land on it -
+    ``u`` rounding up to the total - falls back to the row's most likely token."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
     ok = probs.gather(1, idx) > 0
@@ -107,7 +177,9 @@ def rollout(
     head reads without returning every layer's. With the statistics, this loop takes about the time HF
     ``generate`` takes for the tokens alone (docs/benchmarks.md, section 4). Tokens after the first EOS are the pad id and masked out. Only
     the configured sampling transforms run (temperature, top-k, top-p; EOS banned before ``min_new_tokens``):
-    no repetition penalty or n-gram blocking, because PPO's logprobs must be those of the policy.
+    no repetition penalty or n-gram blocking. The statistics are those of the distribution each token was drawn
+    from (the filtered one), and ``Rollout.sampled_from`` carries that filter to the training and reference
+    passes, so all three score the same distribution.
     """
     query_ids, query_mask = trim_padding(query_ids, query_mask)
     base = policy.model.get_base_model()
@@ -116,6 +188,7 @@ def rollout(
     tokens: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
     step_hidden: list[torch.Tensor] = []
+    step_keep: list[torch.Tensor] = []
     was_training = policy.model.training
     policy.set_train(False)
     try:
@@ -127,13 +200,15 @@ def rollout(
                 scaled = logits.float()
                 if gen_cfg.temperature != 1.0:
                     scaled = scaled / gen_cfg.temperature
-                token = sample_token(scaled, gen_cfg.do_sample, gen_cfg.top_k, gen_cfg.top_p,
-                                     ban=eos if t < gen_cfg.min_new_tokens else None)
+                token, keep = _draw(scaled, gen_cfg.do_sample, gen_cfg.top_k, gen_cfg.top_p,
+                                    ban=eos if t < gen_cfg.min_new_tokens else None)
                 token = token.masked_fill(finished, pad)
                 tokens.append(token)
                 if with_stats:  # the statistics are computed once after the loop: fewer small ops
                     step_logits.append(scaled)
                     step_hidden.append(hidden)
+                    if keep is not None:
+                        step_keep.append(keep)
                 finished = finished | (token == eos)
                 # one host sync per token, as in HF generate; none while EOS is still banned
                 if t + 1 == n_new or (t + 1 >= gen_cfg.min_new_tokens and bool(finished.all())):
@@ -148,12 +223,13 @@ def rollout(
     response = response.masked_fill(~mask, pad)
     if not with_stats:
         return Rollout(response, mask)
+    sampled_from = SampledFrom(eos, gen_cfg.min_new_tokens, torch.stack(step_keep, dim=1) if step_keep else None)
     with torch.no_grad():
-        logits = torch.stack(step_logits, dim=1)
+        logits = sampled_from.apply(torch.stack(step_logits, dim=1))
         values = policy.value_head(torch.stack(step_hidden, dim=1).to(policy.value_head.weight.dtype)).squeeze(-1)
         m = mask.to(torch.float32)
         return Rollout(response, mask, logprobs_from_logits(logits, response) * m, values * m,
-                       entropy_from_logits(logits) * m)
+                       entropy_from_logits(logits) * m, sampled_from)
 
 
 @contextmanager

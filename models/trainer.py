@@ -8,8 +8,9 @@ the model in :mod:`detoxflow.models.policy`. The trainer never imports a tracker
 states, history) are written atomically to ``out_dir/checkpoints/step-<n>`` (:mod:`detoxflow.models.checkpoint`)
 and a later call resumes from the newest one and reaches the same weights an uninterrupted run would.
 
-Units of the logged metrics: ``objective/kl`` and ``objective/kl_k3`` are nats per sequence (summed over the
-response, batch mean), the unit of ``ppo.kl.target``; ``objective/entropy`` is nats per token; lengths are tokens.
+Units of the logged metrics: ``objective/kl`` (the configured ``ppo.kl.estimator``: the KL in the reward, the
+controller's input, the gate's ``train/kl_mean``), ``objective/kl_k1`` and ``objective/kl_k3`` are nats per
+sequence (summed over the response, batch mean), the unit of ``ppo.kl.target``; ``objective/entropy`` is nats per token; lengths are tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from detoxflow.models.checkpoint import (
 from detoxflow.models.policy import Policy
 from detoxflow.models.prompts import template_tail
 from detoxflow.models.reward import Scorer, guarded_scores, scorer_input
+from detoxflow.models.sampling import SampledFrom
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +197,9 @@ def ppo_step(
     _check_finite(scores, f"{where}: scores from scorer '{getattr(scorer, 'name', scorer)}'", fix, texts)
 
     # 4. reference logprobs (one forward, adapter off); old logprobs + values came with the rollout
-    ref_logprobs = policy.ref_logprobs(query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature)
+    #    scored, like the rollout's, under the distribution the tokens were drawn from (roll.sampled_from)
+    ref_logprobs = policy.ref_logprobs(query_ids, query_mask, response_ids, response_mask, temperature=gen.temperature,
+                                       sampled_from=roll.sampled_from)
     _check_finite(old_logprobs, f"{where}: policy logprobs", fix)
     _check_finite(ref_logprobs, f"{where}: reference logprobs", fix)
     _check_finite(old_values, f"{where}: values", fix)
@@ -213,7 +217,7 @@ def ppo_step(
     lengths = mask.sum(dim=1)
     ends_with_eos = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1) == policy.eos_token_id
     scores, missing, reward_scores = guarded_scores(scores, lengths - ends_with_eos.long(), pc.score_clip,
-                                                    pc.length_penalty, gen.min_new_tokens)
+                                                    pc.length_penalty, pc.min_length)
     rewards = P.per_token_rewards(reward_scores, kl, kl_coef, mask)
     if pc.whiten_rewards:
         rewards = P.masked_whiten(rewards, mask, shift_mean=False)
@@ -224,10 +228,12 @@ def ppo_step(
 
     # 8. PPO epochs over shuffled mini-batches, gradient accumulation, clipping; stop early if approx-KL runs away
     update = ppo_update(cfg, policy, optimizer, step, query_ids, query_mask, response_ids, mask,
-                        old_logprobs, old_values, advantages, returns, where, fix, dist=dist)
+                        old_logprobs, old_values, advantages, returns, where, fix, dist=dist,
+                        sampled_from=roll.sampled_from)
     t_upd = time.perf_counter()
 
-    # 9. adapt the KL coefficient to the KL this batch actually had (nats per sequence)
+    # 9. adapt the KL coefficient to the KL this batch actually had (nats per sequence, the configured
+    #    estimator: the figure the reward penalises, the controller steers, the logs show and the gate reads)
     seq_kl = P.masked_sum(kl, mask, dim=1)
     mean_kl = dist.mean(float(seq_kl.mean()))  # every rank's controller must see the same KL
     kl_ctl.update(mean_kl, pc.batch_size * dist.world_size)
@@ -235,7 +241,8 @@ def ppo_step(
     # 10. metrics: objective, policy, losses, value, reward-hacking monitors
     stats = monitors.response_stats(texts, mask, ref_logprobs)
     metrics = {
-        "objective/kl": float(P.masked_sum(kl_k1, mask, dim=1).mean()),
+        "objective/kl": float(seq_kl.mean()),  # this rank's; dist.mean_metrics makes it mean_kl
+        "objective/kl_k1": float(P.masked_sum(kl_k1, mask, dim=1).mean()),
         "objective/kl_k3": float(P.masked_sum(kl_k3, mask, dim=1).mean()),
         "objective/entropy": float(P.masked_mean(entropy, mask)),
         "objective/scores": float(scores.mean()),
@@ -273,9 +280,11 @@ def ppo_update(
     where: str,
     fix: str,
     dist: distributed.Dist = distributed.SINGLE,
+    sampled_from: SampledFrom | None = None,
 ) -> dict[str, float]:
     """``ppo_epochs`` passes over the batch ``(B, ...)`` in shuffled mini-batches; one optimizer step per
-    mini-batch, accumulated over ``gradient_accumulation_steps`` micro-batches. Returns mean statistics."""
+    mini-batch, accumulated over ``gradient_accumulation_steps`` micro-batches. Returns mean statistics.
+    ``sampled_from``: the rollout's sampling filter, so the new logprobs score the distribution the old ones did."""
     pc = cfg.ppo
     b = response_ids.shape[0]
     micro = pc.mini_batch_size // pc.gradient_accumulation_steps
@@ -296,6 +305,7 @@ def ppo_update(
                     logprobs, values, entropy = policy.forward(
                         query_ids[mc], query_mask[mc], response_ids[mc], response_mask[mc],
                         with_entropy=pc.ent_coef > 0, temperature=cfg.generation.temperature,
+                        sampled_from=None if sampled_from is None else sampled_from.rows(mc),
                     )
                     m = response_mask[mc]
                     pg_loss, pg = P.ppo_policy_loss(logprobs, old_logprobs[mc], advantages[mc], m, pc.cliprange)

@@ -110,7 +110,7 @@ class ScorerReward:
 
     The reward is ``scores`` (higher = less toxic, already times ``reward.scale``), clipped to
     ``±ppo.score_clip`` when set, minus ``ppo.length_penalty`` per token missing below
-    ``generation.min_new_tokens`` (the same guard as our PPO trainer). Through TRL's ``log_metric`` it reports the
+    ``ppo.min_length`` (the same guard as our PPO trainer). Through TRL's ``log_metric`` it reports the
     batch's scores and toxicity and the reward-hacking monitors, which TRL averages per logging step.
     """
 
@@ -122,7 +122,7 @@ class ScorerReward:
         self.reward_input = cfg.reward.input
         self.score_clip = cfg.ppo.score_clip
         self.length_penalty = cfg.ppo.length_penalty
-        self.min_new_tokens = cfg.generation.min_new_tokens
+        self.min_length = cfg.ppo.min_length
         self.eos_token_ids = set(int(i) for i in eos_token_ids)
 
     def __call__(
@@ -139,7 +139,7 @@ class ScorerReward:
         if completion_ids is not None:
             content = torch.tensor([sum(1 for t in ids if int(t) not in self.eos_token_ids) for ids in completion_ids])
         scores, missing, rewards = guarded_scores(result.scores.detach().float().cpu(), content, self.score_clip,
-                                                  self.length_penalty, self.min_new_tokens)
+                                                  self.length_penalty, self.min_length)
         if log_metric is not None:
             # the scores as our PPO trainer reports them (after the clip, before the length guard); TRL's own
             # "reward" is the guarded reward it optimises
@@ -266,9 +266,6 @@ def build_trl_args(cfg: Config, plan: StepPlan, output_dir: Path, use_cpu: bool)
     from trl import GRPOConfig, RLOOConfig
 
     pc, gen = cfg.ppo, cfg.generation
-    if not gen.do_sample:
-        logger.warning("%s samples %d completions per prompt: generation.do_sample=false is ignored in training",
-                       pc.backend, pc.num_generations)
     if pc.kl.mode == "adaptive":
         logger.warning("%s: TRL has no adaptive KL controller; beta stays at ppo.kl.init_coef=%g (ppo.kl.target is "
                        "not used)", pc.backend, pc.kl.init_coef)
@@ -304,8 +301,8 @@ def build_trl_args(cfg: Config, plan: StepPlan, output_dir: Path, use_cpu: bool)
         generation_kwargs={"min_new_tokens": gen.min_new_tokens},
         # speed/memory: the policy is a LoRA model, activations are small; our PPO does not checkpoint either
         gradient_checkpointing=False,
-        # Policy already zeroed the base model's dropout; LoRA dropout stays as configured
-        disable_dropout=False,
+        # no dropout in any pass: Policy already zeroed every dropout, LoRA's included; TRL zeroes any left
+        disable_dropout=True,
         # one log and (every checkpoint_every) one checkpoint per rollout step
         logging_strategy="steps",
         logging_steps=plan.optimizer_steps_per_rollout,

@@ -76,7 +76,9 @@ def train_summary(history: list[dict[str, float]]) -> dict[str, float]:
     """What the gate and the report read from a training run (``train/*``).
 
     ``train/kl_mean`` is the mean KL to the reference over the last fifth of the steps (at least one): the
-    final policy's distance from the reference, smoothed over a few batches rather than one noisy one."""
+    final policy's distance from the reference, smoothed over a few batches rather than one noisy one. It
+    averages ``objective/kl``, the configured ``ppo.kl.estimator`` (the figure the reward penalises and the KL
+    controller steers). This is the one training summary."""
     if not history:
         return {}
     tail = history[-max(1, math.ceil(len(history) / 5)):]

@@ -99,3 +99,26 @@ def test_cli_config_show_resolves_overrides(tmp_path: Path) -> None:
     r = _cli("config", "show", "--config", str(ROOT / "configs/causal.yaml"), "--set", "ppo.steps=7", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "steps: 7" in r.stdout and "embedded:gpt2" in r.stdout
+
+
+def test_cli_refuses_greedy_rollouts_in_one_line(tmp_path: Path) -> None:
+    """PPO's ratio compares probabilities of sampled tokens: a greedy rollout gives it nothing; refused at load."""
+    r = _cli("config", "show", "--config", str(ROOT / "configs/default.yaml"), "--set", "generation.do_sample=false",
+             cwd=tmp_path)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert "generation.do_sample is false" in line and "generation.do_sample=true" in line
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["ppo.length_penalty=0.1"], r"ppo.min_length \(0\) <= generation.min_new_tokens \(4\)"),
+    (["ppo.length_penalty=0.1", "ppo.min_length=4"], r"the guard could not fire; raise ppo.min_length"),
+    (["ppo.min_length=49"], r"ppo.min_length \(49\) exceeds generation.max_new_tokens \(48\)"),
+    (["ppo.backend=grpo", "generation.top_p=0.9"], r"TRL scores tokens under the unfiltered softmax"),
+])
+def test_sampling_settings_that_cannot_work_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    # the working neighbours load
+    load_config(None, ["ppo.length_penalty=0.1", "ppo.min_length=5"])
+    load_config(None, ["ppo.backend=grpo", "generation.top_p=1.0"])

@@ -198,7 +198,7 @@ def test_rollout_matches_hf_rollout(llama_models, name: str) -> None:
     for x, y in ((a.logprobs, b.logprobs), (a.values, b.values), (a.entropy, b.entropy)):
         torch.testing.assert_close(x, y, **TOL)
     with torch.no_grad():
-        lp, _, _ = policy.forward(q, qm, a.response_ids, a.response_mask)
+        lp, _, _ = policy.forward(q, qm, a.response_ids, a.response_mask, sampled_from=a.sampled_from)
     torch.testing.assert_close(a.logprobs, lp, **TOL)
 
 

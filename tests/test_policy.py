@@ -114,7 +114,8 @@ def test_kl_is_zero_before_first_update(tiny_models, arch: str) -> None:
                          ids=["sample", "fixed-length-temperature", "top-k-top-p"])
 def test_rollout_statistics_equal_the_full_forward(tiny_models, arch: str, gen: GenerationConfig) -> None:
     """The logprobs, values and entropy the sampling loop collects are what PPO's full forward computes for the
-    same tokens (they replace the old no-grad forward): equal within float rounding, zero outside the mask."""
+    same tokens under the rollout's filter (EOS ban, top-k/top-p kept set): equal within float rounding, zero
+    outside the mask; and they are the filtered distribution's, not the unfiltered softmax's."""
     policy = load(tiny_models, arch)
     randomise_lora(policy, trained_like=True)
     base = {n: (p.data_ptr(), p.detach().clone()) for n, p in policy.model.named_parameters() if "lora_" not in n}
@@ -129,10 +130,16 @@ def test_rollout_statistics_equal_the_full_forward(tiny_models, arch: str, gen: 
     assert torch.equal(roll.response_ids, r) and torch.equal(roll.response_mask, rm)  # one loop, same draws
     assert roll.response_mask.sum(1).min() >= min(gen.min_new_tokens + 1, gen.max_new_tokens)
     with torch.no_grad():
-        lp, v, ent = policy.forward(q, qm, r, rm, temperature=gen.temperature)
-    ref = policy.ref_logprobs(q, qm, r, rm, temperature=gen.temperature)
+        lp, v, ent = policy.forward(q, qm, r, rm, temperature=gen.temperature, sampled_from=roll.sampled_from)
+        unfiltered, _, _ = policy.forward(q, qm, r, rm, temperature=gen.temperature)
+    ref = policy.ref_logprobs(q, qm, r, rm, temperature=gen.temperature, sampled_from=roll.sampled_from)
     assert (lp - ref).abs().max() > 1e-2  # the adapter acts
+    assert torch.isfinite(ref).all()  # the reference scores the policy's kept set: no -inf
     torch.testing.assert_close(roll.logprobs, lp, rtol=0, atol=1e-5)
+    # every case filters (EOS banned at the first min_new_tokens positions; top-k/top-p): renormalised over fewer
+    # tokens, each sampled token is at least as likely as under the unfiltered softmax, and visibly so
+    assert torch.all(lp >= unfiltered - 1e-6)
+    assert (lp - unfiltered).abs().max() > 1e-4
     # randomise_lora gives the value head N(0, 1) weights: values of order 1-10, rounding shows at 1e-5 relative
     torch.testing.assert_close(roll.values, v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(roll.entropy, ent, rtol=0, atol=1e-5)

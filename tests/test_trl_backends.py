@@ -120,7 +120,7 @@ def test_trl_logs_map_onto_our_keys_with_kl_per_sequence() -> None:
 
 def test_scorer_reward_clips_penalises_short_completions_and_logs_monitors() -> None:
     cfg = load_config(None, ["ppo.backend=rloo", "ppo.score_clip=0.5", "ppo.length_penalty=0.1",
-                             "generation.min_new_tokens=3"])
+                             "generation.min_new_tokens=0", "ppo.min_length=3"])
     scorer = CallableScorer(lambda texts: [0.0 if "thanks" in t else 1.0 for t in texts])
     reward = ScorerReward(scorer, cfg, eos_token_ids=[0])
     logged: dict[str, list[float]] = {}

@@ -7,9 +7,9 @@ tensor ops over the *same parameters* (read from the modules once, never copied)
 A/B weights exactly as through the modules, and the policy's three passes (incremental decoding, the training
 forward, the adapter-off reference forward) skip that machinery:
 
-- every targeted linear computes ``x W^T + b + scaling * (dropout(x) A^T) B^T`` for the active adapter, or the
-  base alone when the adapter is disabled (the reference pass) or merged (PEFT's ``merged`` flag, or the
-  policy's sampling merge, which disables the adapter);
+- every targeted linear computes ``x W^T + b + scaling * (x A^T) B^T`` for the active adapter (no pass uses
+  dropout, LoRA's included: ``common.py``), or the base alone when the adapter is disabled (the reference pass)
+  or merged (PEFT's ``merged`` flag, or the policy's sampling merge, which disables the adapter);
 - incremental decoding keeps K/V in preallocated ``(B, heads, max_len, d_head)`` buffers written in place, and
   builds masks (and T5's relative position bias, encoder output and cross-attention K/V) once per rollout.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from detoxflow.models.fastpath.common import FastBase, Linear, Unsupported, base_dropouts, linear
+from detoxflow.models.fastpath.common import FastBase, Linear, Unsupported, dropouts, linear
 from detoxflow.models.fastpath.gpt2 import FastGPT2
 from detoxflow.models.fastpath.llama import FastLlama
 from detoxflow.models.fastpath.t5 import FastT5
@@ -39,7 +39,7 @@ FAMILIES: dict[str, type[FastBase]] = {
     "MistralForCausalLM": FastLlama,
 }
 
-__all__ = ["FAMILIES", "FastBase", "FastGPT2", "FastLlama", "FastT5", "Linear", "Unsupported", "base_dropouts", "build", "linear"]
+__all__ = ["FAMILIES", "FastBase", "FastGPT2", "FastLlama", "FastT5", "Linear", "Unsupported", "build", "dropouts", "linear"]
 
 
 def build(model: Any, adapter: str = "default") -> tuple[Any | None, str]:

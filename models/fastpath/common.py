@@ -1,6 +1,10 @@
 """What the fast-path model families share: the LoRA linear over a module's own parameters, attention, masks,
-the refusals common to all families (:class:`Unsupported`), the scan for base-model dropout, and the base class
-that reads the adapter's on/off/train state per call.
+the refusals common to all families (:class:`Unsupported`), the scan for dropout, and the base class that reads
+the adapter's on/off state per call.
+
+The rule for every family: no dropout in any pass (rollout, training forward, reference). PPO's ratio and KL
+compare these passes token by token, so they must compute the same function; the policy turns every dropout off
+(LoRA's included) and :func:`check_model` refuses a model that still has one.
 
 A family module (``gpt2.py``, ``t5.py``) builds on these and is registered in ``__init__.py``'s ``FAMILIES``.
 """
@@ -46,19 +50,16 @@ class Linear:
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
     scaling: float = 1.0
-    dropout: float = 0.0
 
 
 def linear(x: torch.Tensor, lin: Linear, lora: bool, training: bool) -> torch.Tensor:
-    """``(..., in) -> (..., out)``: base linear plus, when ``lora``, ``scaling * B A dropout(x)`` (PEFT's order of
-    operations, so LoRA dropout draws the same mask from the same RNG state)."""
+    """``(..., in) -> (..., out)``: base linear plus, when ``lora``, ``scaling * B A x`` (PEFT's order of
+    operations). ``training`` changes nothing: no pass applies dropout (module docstring)."""
     if lin.conv1d:  # HF Conv1D: addmm over the flattened rows
         y = torch.addmm(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight).view(*x.shape[:-1], lin.weight.shape[1])
     else:
         y = F.linear(x, lin.weight, lin.bias)
     if lora and lin.a is not None:
-        if training and lin.dropout > 0:
-            x = F.dropout(x, lin.dropout, training=True)
         y = y + F.linear(F.linear(x, lin.a), lin.b) * lin.scaling
     return y
 
@@ -75,10 +76,8 @@ def wrap(module: nn.Module, adapter: str) -> Linear:
                 raise Unsupported(f"LoRA variant (DoRA / lora_bias) on {type(module).__name__}")
             if module.lora_A[adapter].bias is not None or module.lora_B[adapter].bias is not None:
                 raise Unsupported("LoRA layers with a bias")
-            drop = module.lora_dropout[adapter]
             lin.a, lin.b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             lin.scaling = float(module.scaling[adapter])
-            lin.dropout = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
         return lin
     name = type(module).__name__
     if name == "Conv1D":
@@ -149,21 +148,18 @@ def check_model(model: Any, adapter: str) -> Any:
     for m in layers:
         if list(m.active_adapters) != [adapter]:
             raise Unsupported(f"active adapters {list(m.active_adapters)} (only the single adapter '{adapter}')")
-    for name, _, attr, value in base_dropouts(model):
-        if attr == "p":
-            raise Unsupported(f"base dropout p={value} at {name}")
-        raise Unsupported(f"attention dropout {attr}={value} at {name}")
+    for name, _, attr, value in dropouts(model):
+        raise Unsupported(f"dropout {attr}={value} at {name} (no pass may use dropout; the policy turns it off)")
     return layers[0]
 
 
-def base_dropouts(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, float]]:
-    """Every dropout of ``model`` outside its LoRA layers that is on, in module order: ``(module name, module,
-    attribute, probability)``, the attribute being ``p`` of an ``nn.Dropout`` or an attention-probability dropout
-    kept as a plain float (``dropout``: T5Attention; ``attention_dropout``: Llama). Setting the attribute to 0
-    turns it off; the policy does that for all of them, and the fast path refuses a model that still has one."""
+def dropouts(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, float]]:
+    """Every dropout of ``model`` that is on, LoRA's included, in module order: ``(module name, module, attribute,
+    probability)``, the attribute being ``p`` of an ``nn.Dropout`` (LoRA's ``lora_dropout`` is one) or an
+    attention-probability dropout kept as a plain float (``dropout``: T5Attention; ``attention_dropout``: Llama).
+    Setting the attribute to 0 turns it off; the policy does that for all of them, and the fast path refuses a
+    model that still has one."""
     for name, m in model.named_modules():
-        if "lora_dropout" in name:
-            continue
         if isinstance(m, nn.Dropout) and m.p > 0:
             yield name, m, "p", m.p
         for attr in ("dropout", "attention_dropout"):
@@ -220,7 +216,7 @@ class FastBase:
 
     def lora_state(self) -> tuple[bool, bool]:
         """``(adapter on, train mode)``: off inside :meth:`adapter_off` or PEFT's ``disable_adapter()``, or when PEFT
-        merged it into the base; train mode decides LoRA dropout."""
+        merged it into the base; the train mode as PEFT's LoRA layers hold it (no pass applies dropout)."""
         p = self.probe
         on = not self.forced_off and not p.disable_adapters and not p.merged
         return on, bool(p.lora_dropout[self.adapter].training)

@@ -150,8 +150,8 @@ class FastT5(FastBase):
         training: bool, start: int,
     ) -> torch.Tensor:
         """One decoder block. ``kv``: self-attention buffers written at ``[start, start + T)``, attention over
-        ``[0, start + T)``; ``cross_in``: the encoder output (K/V projected here, in HF's op order: q first, so LoRA
-        dropout draws match) or the ``(K, V)`` projected once per rollout."""
+        ``[0, start + T)``; ``cross_in``: the encoder output (K/V projected here, in HF's op order: q
+        first) or the ``(K, V)`` projected once per rollout."""
         a, c = blk.self_attn, blk.cross
         t = x.shape[1]
         h = self._norm(x, a.ln)
