@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,20 @@ def test_kl_estimators_match_exact_kl_by_sampling() -> None:
     assert abs(float(k3.mean()) - exact) < 0.01 * max(exact, 1.0) + 3 * float(k3.std()) / 200_000**0.5
     assert float(k3.min()) >= 0.0  # k3 is never negative, k1 is per sample
     assert float(k1.min()) < 0.0
-    assert float(k2.mean()) > 0.0
+    # k2 is biased: its mean is E_p[(log p - log q)^2] / 2, computed exactly over the 5 outcomes
+    k2_exact = float((log_p.exp() * 0.5 * (log_p - log_q).square()).sum())
+    assert abs(float(k2.mean()) - k2_exact) < 3 * float(k2.std()) / 200_000**0.5
+
+
+def test_kl_estimators_by_hand() -> None:
+    # log pi = log 0.5, log ref = log 0.25: log ratio ln 2; k1 = ln 2, k2 = (ln 2)^2 / 2, k3 = (0.5 - 1) + ln 2
+    lp, lq = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    ln2 = math.log(2.0)
+    assert float(ppo.kl_k1(lp, lq)) == pytest.approx(ln2)
+    assert float(ppo.kl_k2(lp, lq)) == pytest.approx(ln2**2 / 2)
+    assert float(ppo.kl_k3(lp, lq)) == pytest.approx(-0.5 + ln2)
+    # swapped: ratio ref/pi = 2, k3 = (2 - 1) - ln 2
+    assert float(ppo.kl_k3(lq, lp)) == pytest.approx(1.0 - ln2)
 
 
 def test_kl_zero_when_distributions_equal() -> None:
