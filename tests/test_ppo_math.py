@@ -11,7 +11,7 @@ import torch
 
 from detoxflow.models import ppo
 
-PPO_SOURCE = Path(__file__).resolve().parent.parent / "models" / "ppo.py"
+PPO_SOURCE = Path(ppo.__file__)
 
 
 def naive_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
