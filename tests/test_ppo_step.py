@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import PROMPTS, WordScorer, fresh_policy, make_cfg
 
 from detoxflow.models import trainer as T
-from test_trainer import PROMPTS, WordScorer, fresh_policy, make_cfg
 
 GAMMA, LAM, COEF, TARGET, HORIZON, VF, ENT, LR = 0.9, 0.8, 0.3, 0.5, 40, 0.25, 0.05, 0.1
 
