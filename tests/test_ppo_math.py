@@ -269,6 +269,8 @@ def test_masked_stats_by_hand() -> None:
     # {1, 2, 3, 4}: mean 2.5, squared deviations sum 5: unbiased 5/3, population 5/4
     assert float(ppo.masked_var(x, mask)) == pytest.approx(5 / 3)
     assert float(ppo.masked_var(x, mask, unbiased=False)) == pytest.approx(5 / 4)
+    two = torch.tensor([[True, False, False], [True, False, False]])  # {1, 3}: the smallest unbiased case, 2
+    assert float(ppo.masked_var(x, two)) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="at least 2"):
         ppo.masked_var(x, torch.tensor([[True, False, False], [False, False, False]]))
     assert float(ppo.masked_var(x, torch.tensor([[True, False, False], [False, False, False]]), unbiased=False)) == 0
