@@ -286,8 +286,8 @@ def test_last_token_index_and_shape_checks_by_hand() -> None:
     assert ppo.last_token_index(mask).tolist() == [1, 3, 2, 2]
     with pytest.raises(ValueError, match="disagree"):
         ppo.logprobs_from_logits(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="must be"):
-        ppo.per_token_rewards(torch.ones(3), torch.zeros(2, 2), 0.1, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"scores \(3,\) must be \(B,\) with B = 2$"):
+        ppo.per_token_rewards(torch.ones(3), torch.zeros(2, 4), 0.1, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="must all be"):
         ppo.gae(torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3, dtype=torch.bool), 1.0, 1.0)
     # chunking: the last chunk may be shorter than chunk_size
