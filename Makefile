@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test test-fast test-floor lint bootstrap clean
+.PHONY: install demo test test-fast test-floor lint mutation bootstrap clean
 
 install: $(VENV)/.installed
 
@@ -54,8 +54,28 @@ test-floor:
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"
 
+# Mutation testing (not in CI; an hour or more on 2 cores): cosmic-ray over models/ppo.py and the trainer's
+# reward/loss code, config tests/mutation/cosmic-ray.toml. cosmic-ray edits files in place, so it runs in a
+# scratch copy laid out like the installed package and put first on PYTHONPATH: the working tree is never
+# mutated, even by an interrupted run. `make mutation` again resumes the session; MUTATION_FRESH=1 starts over.
+MUTATION_TREE := .mutation
+mutation: install
+	@if [ -n "$(MUTATION_FRESH)" ] || [ ! -f $(MUTATION_TREE)/session.sqlite ]; then \
+	  rm -rf $(MUTATION_TREE) && mkdir -p $(MUTATION_TREE) && cp -r detoxflow tests $(MUTATION_TREE)/ \
+	  && for p in models tasks flows; do cp -r $$p $(MUTATION_TREE)/detoxflow/$$p; done \
+	  && cd $(MUTATION_TREE) && PYTHONPATH=. $(abspath $(VENV))/bin/cosmic-ray init tests/mutation/cosmic-ray.toml session.sqlite \
+	  && PYTHONPATH=. $(abspath $(PY)) tests/mutation/scope.py session.sqlite detoxflow/models/trainer.py \
+	  && $(abspath $(VENV))/bin/cr-filter-operators session.sqlite tests/mutation/cosmic-ray.toml; fi
+	cd $(MUTATION_TREE) && PYTHONPATH=. $(abspath $(PY)) -c "import detoxflow.models.ppo as m, sys; \
+	  sys.exit(0 if m.__file__.startswith('$(abspath $(MUTATION_TREE))') else 'the mutants would not be imported: ' + m.__file__)"
+	cd $(MUTATION_TREE) && PATH=$(abspath $(VENV))/bin:$$PATH PYTHONPATH=. OMP_NUM_THREADS=1 \
+	  nice cosmic-ray baseline tests/mutation/cosmic-ray.toml
+	cd $(MUTATION_TREE) && PATH=$(abspath $(VENV))/bin:$$PATH PYTHONPATH=. OMP_NUM_THREADS=1 \
+	  nice cosmic-ray exec tests/mutation/cosmic-ray.toml session.sqlite
+	$(VENV)/bin/cr-report --show-pending $(MUTATION_TREE)/session.sqlite | tail -3
+
 bootstrap: install
 	$(VENV)/bin/detoxflow bootstrap all
 
 clean:
-	rm -rf .detoxflow .pytest_cache $(LINT_TREE)
+	rm -rf .detoxflow .pytest_cache $(LINT_TREE) $(MUTATION_TREE)

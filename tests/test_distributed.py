@@ -142,3 +142,97 @@ def test_two_process_gloo_training_averages_gradients_and_only_rank0_logs(tmp_pa
     # ... and one version was registered, from that run
     versions = client.search_model_versions(f"name = '{cfg.registered_model_name}'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", train_run.info.run_id)]
+
+
+# ------------------------------------------------------------------------------------------ gradient averaging
+# Two gloo processes, each with half of a batch, against one process with the whole batch: after one PPO update
+# (one mini-batch, one epoch, plain SGD, no clipping) the weights agree to 1e-6. The comparison is with ONE
+# process over the CONCATENATED batch: ppo_update takes each rank's loss as the mean over its own tokens and the
+# all-reduce averages the ranks' gradients, which equals the gradient of the mean over all tokens when every
+# rank holds the same number of tokens; so the responses here all have the full length (no EOS), and the
+# advantages and returns are given (whitening happens before ppo_update, per rank, as in DDP). Fails on the
+# mutant "missing gradient averaging" (the summed gradients not divided by the world size: the two-process step
+# is twice as long) and on one without the all-reduce (each rank steps on its own half).
+
+DDP_ROWS, DDP_LEN, DDP_LR = 8, 6, 0.1
+
+
+def _ddp_setup(model_dir: str, rows: slice):
+    """The policy (moved LoRA, same on every process) and ``rows`` of a fixed batch: query, full-length
+    responses without EOS, old logprobs and values, given advantages and returns."""
+    from detoxflow.config import load_config as _load
+    from detoxflow.models.policy import Policy
+
+    cfg = _load(None, [f"model.name_or_path={model_dir}", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+                       f"ppo.batch_size={rows.stop - rows.start}", f"ppo.mini_batch_size={rows.stop - rows.start}",
+                       "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "ppo.target_approx_kl=null", "ppo.ent_coef=0"])
+    torch.manual_seed(0)
+    policy = Policy.load(cfg.model, cfg.lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    prompts = [f"person {i} says the order arrived late and the manager agrees" for i in range(DDP_ROWS)]
+    q, qm = policy.encode_queries(prompts, 64)
+    eos = policy.eos_token_id
+    r = torch.randint(3, len(policy.tokenizer), (DDP_ROWS, DDP_LEN), generator=g)
+    r[r == eos] = eos + 1
+    rm = torch.ones_like(r, dtype=torch.bool)
+    adv = torch.randn(DDP_ROWS, DDP_LEN, generator=g)
+    ret = torch.randn(DDP_ROWS, DDP_LEN, generator=g)
+    with torch.no_grad():
+        old_lp, old_v, _ = policy.forward(q, qm, r, rm, with_entropy=False)
+    # a pre-update policy that is not the rollout's, so the ratio and the value clipping take part
+    old_lp = old_lp + 0.1 * torch.randn(old_lp.shape, generator=g)
+    batch = [x[rows] for x in (q, qm, r, rm, old_lp, old_v, adv, ret)]
+    return cfg, policy, batch
+
+
+def _ddp_update(model_dir: str, rows: slice, dist: distributed.Dist) -> tuple[list[torch.Tensor], dict]:
+    from detoxflow.models.trainer import ppo_update
+
+    cfg, policy, (q, qm, r, rm, old_lp, old_v, adv, ret) = _ddp_setup(model_dir, rows)
+    params = policy.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=DDP_LR)
+    stats = ppo_update(cfg, policy, opt, 1, q, qm, r, rm, old_lp, old_v, adv, ret, "test", "none", dist=dist)
+    return [p.detach().clone() for p in params], stats
+
+
+def _ddp_rank_main(rank: int, init_file: str, model_dir: str, out: str) -> None:
+    """One of two processes: join a gloo group, update on its half, save its weights and stats."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        half = DDP_ROWS // 2
+        weights, stats = _ddp_update(model_dir, slice(rank * half, (rank + 1) * half), distributed.current())
+        torch.save({"weights": weights, "stats": stats}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_step_like_one_process_on_the_whole_batch(tiny_models, tmp_path: Path) -> None:
+    model_dir = str(tiny_models["t5"])
+    code = ("import sys, torch; sys.path.insert(0, {tests!r}); from test_distributed import _ddp_rank_main; "
+            "_ddp_rank_main(int(sys.argv[1]), {init!r}, {model!r}, sys.argv[2])").format(
+        tests=str(ROOT / "tests"), init=str(tmp_path / "pg-init"), model=model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path / f"rank{rank}.pt")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+
+    torch.set_num_threads(1)
+    whole, whole_stats = _ddp_update(model_dir, slice(0, DDP_ROWS), distributed.SINGLE)
+    start = [p.detach() for p in _ddp_setup(model_dir, slice(0, DDP_ROWS))[1].trainable_parameters()]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    moved = max(float((w - s).abs().max()) for w, s in zip(whole, start))
+    assert moved > 1e-3  # the step is large enough for a wrong scale to show
+    for res in ranks:
+        for w, got in zip(whole, res["weights"], strict=True):
+            torch.testing.assert_close(got, w, rtol=0.0, atol=1e-6)
+    # the ranks' statistics, averaged as ppo_step logs them, are those of the whole batch (equal token counts)
+    for key in ("loss/policy", "loss/value", "policy/ratio", "policy/approxkl", "policy/clipfrac"):
+        mean = (ranks[0]["stats"][key] + ranks[1]["stats"][key]) / 2
+        assert mean == pytest.approx(whole_stats[key], abs=1e-6), key

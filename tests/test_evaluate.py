@@ -140,25 +140,112 @@ def test_evaluate_metrics_are_consistent_with_its_samples(policy):
     assert m["split_digest"] == "d1" and m["settings_digest"] == settings_digest(cfg)
     assert [s["id"] for s in res.samples] == ["r1", "r2", "r3", "r4", "r5"]
     assert res.samples[0]["prompt"].startswith("Summarize the following conversation.") and res.samples[2]["reference"] == RECORDS[2].summary
-    # the headline numbers are recomputable from the samples
+    # the headline numbers, recomputed from the samples without the metric functions under test
     responses = [s["response"] for s in res.samples]
     tox = scorer.score(responses).toxicity.tolist()
     assert [s["toxicity"] for s in res.samples] == pytest.approx(tox, abs=1e-6)
-    assert m["eval/toxicity_mean"] == pytest.approx(float(np.mean(tox)), abs=1e-6)
-    assert m["eval/toxicity_std"] == pytest.approx(float(np.std(tox)), abs=1e-6)
-    assert m["eval/rouge_l"] == pytest.approx(rouge_l(responses, [r.summary for r in RECORDS]))
-    assert np.asarray(res.sampled_toxicity).shape == (5, 3)
-    assert m["eval/expected_max_toxicity"] == pytest.approx(expected_max_toxicity(res.sampled_toxicity))
-    assert m["eval/toxicity_probability"] == pytest.approx(toxicity_probability(res.sampled_toxicity))
+    assert m["eval/toxicity_mean"] == pytest.approx(sum(tox) / len(tox), abs=1e-6)
+    mu = sum(tox) / len(tox)
+    assert m["eval/toxicity_std"] == pytest.approx(math.sqrt(sum((t - mu) ** 2 for t in tox) / len(tox)), abs=1e-6)
+    from rouge_score import rouge_scorer
+
+    rs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    f1 = [rs.score(r.summary, resp)["rougeL"].fmeasure for r, resp in zip(RECORDS, responses)]
+    assert m["eval/rouge_l"] == pytest.approx(sum(f1) / len(f1))
+    assert len(res.sampled_toxicity) == 5 and all(len(row) == 3 for row in res.sampled_toxicity)
+    assert m["eval/expected_max_toxicity"] == pytest.approx(sum(max(row) for row in res.sampled_toxicity) / 5)
+    assert m["eval/toxicity_probability"] == pytest.approx(sum(any(t >= 0.5 for t in row) for row in res.sampled_toxicity) / 5)
     assert [s["max_sampled_toxicity"] for s in res.samples] == pytest.approx([max(r) for r in res.sampled_toxicity])
     # greedy responses are the policy's own greedy answers; lengths respect the generation settings
-    greedy = policy.generate_texts([s["prompt"] for s in res.samples], cfg.generation.model_copy(update={"do_sample": False}))
+    greedy_cfg = cfg.generation.model_copy(update={"do_sample": False})
+    greedy = policy.generate_texts([s["prompt"] for s in res.samples], greedy_cfg)
     assert responses == greedy
     assert 2 <= m["eval/length_mean"] <= 8
     for key in ("eval/distinct_1", "eval/distinct_2", "eval/top_token_share", "eval/exaggeration_share", "eval/toxic_share"):
         assert 0.0 <= m[key] <= 1.0, key
-    assert m["eval/ref_perplexity"] > 1.0
+    # reference perplexity: exp of the mean NLL of the greedy tokens under the base model (adapter off), by plain
+    # HF calls on each unpadded row
+    from test_ppo_temperature import plain_logprobs
+
+    from detoxflow.models.prompts import template_tail
+
+    q, qm = policy.encode_queries([s["prompt"] for s in res.samples], cfg.data.max_query_tokens,
+                                  template_tail(cfg.data.prompt_template))
+    r, rm = policy.generate(q, qm, greedy_cfg)
+    lp = plain_logprobs(policy, q, qm, r, rm, 1.0, adapter=False)
+    assert m["eval/length_mean"] == pytest.approx(float(rm.sum()) / 5)
+    assert m["eval/ref_perplexity"] == pytest.approx(math.exp(-float(lp.sum()) / float(rm.sum())), rel=1e-5)
     assert set(res.numeric()) == {k for k in m if k.startswith("eval/")}
+
+
+class ScriptedPolicy:
+    """A policy whose answers are written down, so every number ``evaluate`` reports can be worked out by hand.
+
+    Queries encode the prompt's index; the greedy answer and the k samples of prompt i are ``GREEDY[i]`` and
+    ``SAMPLED[i]`` (one token per word); the reference gives every token of a response a written-down logprob."""
+
+    GREEDY = ["the cat sat", "dogs"]
+    SAMPLED = [["s00", "s01"], ["s10", "s11"]]
+    REF_LP = [[math.log(1 / 2), math.log(1 / 4), math.log(1 / 8)], [math.log(1 / 2)]]
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.device = tokenizer, torch.device("cpu")
+        self.texts: dict[int, str] = {}
+
+    def encode_queries(self, prompts, max_tokens, tail=None):
+        idx = torch.tensor([[int(p.split("#")[1])] for p in prompts])  # prompts are "... #<i># ..."
+        return idx, torch.ones_like(idx)
+
+    def generate(self, query_ids, query_mask, gen_cfg):
+        rows, seen = [], {}
+        for i in query_ids[:, 0].tolist():
+            j = seen.get(i, 0)
+            seen[i] = j + 1
+            rows.append(self.SAMPLED[i][j] if gen_cfg.do_sample else self.GREEDY[i])
+        n = max(len(t.split()) for t in rows)
+        ids = torch.zeros(len(rows), n, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for b, text in enumerate(rows):
+            code = len(self.texts) + 1
+            self.texts[code] = text
+            ids[b, 0] = code
+            mask[b, : len(text.split())] = True
+        return ids, mask
+
+    def decode(self, response_ids, response_mask):
+        return [self.texts[int(c)] for c in response_ids[:, 0]]
+
+    def ref_logprobs(self, query_ids, query_mask, response_ids, response_mask):
+        out = torch.zeros(response_ids.shape)
+        for b, i in enumerate(query_ids[:, 0].tolist()):
+            out[b, : len(self.REF_LP[i])] = torch.tensor(self.REF_LP[i])
+        return out * response_mask
+
+
+def test_evaluate_aggregates_to_hand_computed_numbers(tiny_models):
+    from transformers import AutoTokenizer
+
+    tox = {"the cat sat": 0.2, "dogs": 0.6, "s00": 0.1, "s01": 0.7, "s10": 0.3, "s11": 0.4}
+    records = [Record("a", "#0# person one talks", "the cat sat on the mat"), Record("b", "#1# person two", "cats")]
+    cfg = Config.model_validate({"data": {"prompt_template": "{dialogue}"}, "eval": {"k_samples": 2, "batch_size": 4}})
+    policy = ScriptedPolicy(AutoTokenizer.from_pretrained(tiny_models["t5"]))
+    res = evaluate(policy, CallableScorer(lambda texts: [tox[t] for t in texts]), records, cfg, split_digest="d",
+                   progress=False)
+    m = res.metrics
+    assert [s["response"] for s in res.samples] == ["the cat sat", "dogs"]
+    assert m["eval/toxicity_mean"] == pytest.approx(0.4)  # (0.2 + 0.6) / 2
+    assert m["eval/toxicity_std"] == pytest.approx(0.2)  # population std of {0.2, 0.6}
+    assert m["eval/toxic_share"] == pytest.approx(0.5)  # 0.6 >= 0.5
+    assert res.sampled_toxicity == [[pytest.approx(0.1), pytest.approx(0.7)], [pytest.approx(0.3), pytest.approx(0.4)]]
+    assert m["eval/expected_max_toxicity"] == pytest.approx(0.55)  # (0.7 + 0.4) / 2
+    assert m["eval/toxicity_probability"] == pytest.approx(0.5)  # prompt a has 0.7 >= 0.5, prompt b none
+    # ROUGE-L F1: LCS("the cat sat", "the cat sat on the mat") = 3 -> P 1, R 1/2, F1 2/3; "dogs" vs "cats": 0
+    assert m["eval/rouge_l"] == pytest.approx(1 / 3)
+    assert m["eval/length_mean"] == pytest.approx(2.0)  # (3 + 1) tokens / 2 prompts
+    # NLL = (1 + 2 + 3) ln 2 + 1 ln 2 over 4 tokens: perplexity 2^(7/4)
+    assert m["eval/ref_perplexity"] == pytest.approx(2 ** (7 / 4))
+    assert m["eval/n_prompts"] == 2.0 and m["eval/k_samples"] == 2.0
+    assert [s["max_sampled_toxicity"] for s in res.samples] == [pytest.approx(0.7), pytest.approx(0.4)]
 
 
 def test_evaluate_is_reproducible_and_leaves_the_global_rng_alone(policy):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from detoxflow.models import ppo
 
-PPO_SOURCE = Path(__file__).resolve().parent.parent / "models" / "ppo.py"
+PPO_SOURCE = Path(ppo.__file__)
 
 
 def naive_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
@@ -79,7 +80,20 @@ def test_kl_estimators_match_exact_kl_by_sampling() -> None:
     assert abs(float(k3.mean()) - exact) < 0.01 * max(exact, 1.0) + 3 * float(k3.std()) / 200_000**0.5
     assert float(k3.min()) >= 0.0  # k3 is never negative, k1 is per sample
     assert float(k1.min()) < 0.0
-    assert float(k2.mean()) > 0.0
+    # k2 is biased: its mean is E_p[(log p - log q)^2] / 2, computed exactly over the 5 outcomes
+    k2_exact = float((log_p.exp() * 0.5 * (log_p - log_q).square()).sum())
+    assert abs(float(k2.mean()) - k2_exact) < 3 * float(k2.std()) / 200_000**0.5
+
+
+def test_kl_estimators_by_hand() -> None:
+    # log pi = log 0.5, log ref = log 0.25: log ratio ln 2; k1 = ln 2, k2 = (ln 2)^2 / 2, k3 = (0.5 - 1) + ln 2
+    lp, lq = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    ln2 = math.log(2.0)
+    assert float(ppo.kl_k1(lp, lq)) == pytest.approx(ln2)
+    assert float(ppo.kl_k2(lp, lq)) == pytest.approx(ln2**2 / 2)
+    assert float(ppo.kl_k3(lp, lq)) == pytest.approx(-0.5 + ln2)
+    # swapped: ratio ref/pi = 2, k3 = (2 - 1) - ln 2
+    assert float(ppo.kl_k3(lq, lp)) == pytest.approx(1.0 - ln2)
 
 
 def test_kl_zero_when_distributions_equal() -> None:
@@ -242,3 +256,78 @@ def test_kl_controller_state_round_trip() -> None:
     f2 = ppo.FixedKLController(1.0)
     f2.load_state_dict(fixed.state_dict())
     assert f2.value == 0.05
+
+
+def test_masked_stats_by_hand() -> None:
+    x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 9.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    assert float(ppo.masked_mean(x, mask)) == pytest.approx(2.5)
+    assert float(ppo.masked_sum(x, mask)) == pytest.approx(10.0)
+    torch.testing.assert_close(ppo.masked_mean(x, mask, dim=1), torch.tensor([1.5, 3.5]))
+    torch.testing.assert_close(ppo.masked_sum(x, mask, dim=1), torch.tensor([3.0, 7.0]))
+    torch.testing.assert_close(ppo.masked_mean(x, mask, dim=0), torch.tensor([2.0, 3.0, 0.0]))  # empty column: 0
+    # {1, 2, 3, 4}: mean 2.5, squared deviations sum 5: unbiased 5/3, population 5/4
+    assert float(ppo.masked_var(x, mask)) == pytest.approx(5 / 3)
+    assert float(ppo.masked_var(x, mask, unbiased=False)) == pytest.approx(5 / 4)
+    two = torch.tensor([[True, False, False], [True, False, False]])  # {1, 3}: the smallest unbiased case, 2
+    assert float(ppo.masked_var(x, two)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ppo.masked_var(x, torch.tensor([[True, False, False], [False, False, False]]))
+    assert float(ppo.masked_var(x, torch.tensor([[True, False, False], [False, False, False]]), unbiased=False)) == 0
+    w = ppo.masked_whiten(x, mask)
+    s = (5 / 3 + 1e-8) ** -0.5
+    torch.testing.assert_close(w, torch.tensor([[-1.5 * s, -0.5 * s, 0.0], [0.5 * s, 1.5 * s, 0.0]]))
+    w2 = ppo.masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(w2, torch.tensor([[-1.5 * s + 2.5, -0.5 * s + 2.5, 0.0], [0.5 * s + 2.5, 1.5 * s + 2.5, 0.0]]))
+
+
+def test_last_token_index_and_shape_checks_by_hand() -> None:
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0]])
+    assert ppo.last_token_index(mask).tolist() == [1, 3, 2, 2]
+    with pytest.raises(ValueError, match="disagree"):
+        ppo.logprobs_from_logits(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"scores \(3,\) must be \(B,\) with B = 2$"):
+        ppo.per_token_rewards(torch.ones(3), torch.zeros(2, 4), 0.1, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must all be"):
+        ppo.gae(torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3, dtype=torch.bool), 1.0, 1.0)
+    # chunking: the last chunk may be shorter than chunk_size
+    logits, labels = torch.randn(5, 2, 7), torch.randint(0, 7, (5, 2))
+    torch.testing.assert_close(ppo.logprobs_from_logits(logits, labels, chunk_size=2), ppo.logprobs_from_logits(logits, labels))
+    torch.testing.assert_close(ppo.logprobs_from_logits(logits, labels, chunk_size=5), ppo.logprobs_from_logits(logits, labels))
+    assert ppo.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_policy_and_value_loss_by_hand_on_every_branch() -> None:
+    mask = torch.tensor([[True, True, True, False]])
+    old = torch.zeros(1, 4)
+    lp = torch.tensor([[0.5, -0.5, 0.1, 7.0]])  # ratios e^0.5 = 1.65, e^-0.5 = 0.61, e^0.1 = 1.105; last is padding
+    adv = torch.tensor([[-1.0, -2.0, 3.0, 5.0]])
+    loss, st = ppo.ppo_policy_loss(lp, old, adv, mask, 0.2)
+    r = [math.exp(0.5), math.exp(-0.5), math.exp(0.1)]
+    # -A * ratio vs -A * clip(ratio): max of (1.65, 1.2) = 1.65; max(1.21, 1.6) = 1.6; max(-3.32, -3.32)
+    want = (max(r[0], 1.2) + max(2 * r[1], 2 * 0.8) + -3 * r[2]) / 3
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(st["clipfrac"]) == pytest.approx(1 / 3)  # only the second token took the clipped branch
+    assert float(st["ratio"]) == pytest.approx(sum(r) / 3, rel=1e-5)
+    assert float(st["approxkl"]) == pytest.approx(0.5 * (0.25 + 0.25 + 0.01) / 3, rel=1e-5)
+    values = torch.tensor([[1.0, 0.0, 0.5, 9.0]])
+    old_v = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    ret = torch.tensor([[0.0, 1.0, 0.4, 0.0]])
+    vloss, vst = ppo.clipped_value_loss(values, old_v, ret, mask, 0.2)
+    # token 1: (1-0)^2 = 1 vs (0.2-0)^2 = 0.04 -> 1; token 2: 1 vs 1 -> 1; token 3: 0.01 vs 0.04 -> 0.04 (clipped)
+    assert float(vloss) == pytest.approx(0.5 * (1 + 1 + 0.04) / 3)
+    assert float(vst["clipfrac"]) == pytest.approx(1 / 3)
+    assert float(vst["vpred"]) == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_by_hand() -> None:
+    ctl = ppo.AdaptiveKLController(0.5, target=2.0, horizon=10)
+    assert ctl.update(2.2, n_steps=5) == pytest.approx(0.5 * (1 + 0.1 * 5 / 10))  # error 0.1, not clipped
+    ctl = ppo.AdaptiveKLController(0.5, target=2.0, horizon=10)
+    assert ctl.update(0.0, n_steps=5) == pytest.approx(0.5 * (1 - 0.2 * 5 / 10))  # error -1 clipped to -0.2
+    with pytest.raises(ValueError, match="diverged"):
+        ctl.update(float("nan"), 4)
+    for target, horizon in ((0.0, 10), (1.0, 0)):
+        with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
+            ppo.AdaptiveKLController(0.1, target=target, horizon=horizon)
+    assert ppo.AdaptiveKLController(0.1, target=1e-3, horizon=1).state_dict() == {"value": 0.1, "target": 1e-3, "horizon": 1}

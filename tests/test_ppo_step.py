@@ -1,0 +1,123 @@
+"""One PPO step of the trainer, recomputed by hand: the reward/loss code between the rollout and the optimizer.
+
+``ppo_step`` runs on the tiny T5 with spies on its inputs (the rollout, the reference logprobs, the scores) and
+on what it hands to ``ppo_update``; from those inputs this test recomputes, in float64 Python loops and without
+models/ppo.py: the per-token KL-penalised rewards, GAE, the whitened advantages, the returns, the KL
+controller's next coefficient and the logged KL; then the one SGD step of the update (one mini-batch, one
+epoch, two micro-batches) from a loss written out here. It is the trainer half of the mutation run's test
+command (tests/mutation/cosmic-ray.toml): seconds, and sensitive to every term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import PROMPTS, WordScorer, fresh_policy, make_cfg
+
+from detoxflow.models import trainer as T
+
+GAMMA, LAM, COEF, TARGET, HORIZON, VF, ENT, LR = 0.9, 0.8, 0.3, 0.5, 40, 0.25, 0.05, 0.1
+
+
+def naive_gae(rewards: list[float], values: list[float]) -> list[float]:
+    adv, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        nxt = values[t + 1] if t + 1 < len(rewards) else 0.0
+        last = rewards[t] + GAMMA * nxt - values[t] + GAMMA * LAM * last
+        adv[t] = last
+    return adv
+
+
+def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = make_cfg(tiny_models, "t5", f"ppo.gamma={GAMMA}", f"ppo.lam={LAM}", f"ppo.kl.init_coef={COEF}",
+                   f"ppo.kl.target={TARGET}", f"ppo.kl.horizon={HORIZON}", f"ppo.vf_coef={VF}", f"ppo.ent_coef={ENT}",
+                   "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2",
+                   "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "generation.min_new_tokens=0", "lora.dropout=0.0")
+    policy = fresh_policy(cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # a moved adapter: policy and reference differ, so the KL terms are not 0
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    seen: dict = {}
+    real_ref, real_update = policy.ref_logprobs, T.ppo_update
+
+    def ref_spy(*a, **k):
+        seen["ref"] = real_ref(*a, **k)
+        return seen["ref"]
+
+    def update_spy(cfg_, policy_, opt, step, q, qm, r, rm, old_lp, old_v, adv, ret, *rest, **kw):
+        seen.update(q=q, qm=qm, r=r, rm=rm, old_lp=old_lp, old_v=old_v, adv=adv, ret=ret)
+        seen["w0"] = [p.detach().clone() for p in policy_.trainable_parameters()]
+        return real_update(cfg_, policy_, opt, step, q, qm, r, rm, old_lp, old_v, adv, ret, *rest, **kw)
+
+    monkeypatch.setattr(policy, "ref_logprobs", ref_spy)
+    monkeypatch.setattr(T, "ppo_update", update_spy)
+    scorer = WordScorer()
+    scores_seen: list[torch.Tensor] = []
+    real_score = scorer.score
+    scorer.score = lambda texts: scores_seen.append(real_score(texts)) or scores_seen[-1]
+    params = policy.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=LR)
+    kl_ctl = T.make_kl_controller(cfg.ppo.kl)
+    metrics = T.ppo_step(cfg, policy, scorer, PROMPTS, 1, opt, kl_ctl, None)
+
+    rm, old_lp, old_v, ref = seen["rm"], seen["old_lp"].double(), seen["old_v"].double(), seen["ref"].double()
+    scores = scores_seen[0].scores.double().tolist()
+    adv_raw, ret_want, seq_kl, flat = [], [], [], []
+    for i in range(rm.shape[0]):
+        n = int(rm[i].sum())
+        k1 = [float(old_lp[i, t] - ref[i, t]) for t in range(n)]
+        rewards = [-COEF * k for k in k1]
+        rewards[-1] += scores[i]
+        vals = [float(old_v[i, t]) for t in range(n)]
+        a = naive_gae(rewards, vals)
+        adv_raw.append(a)
+        ret_want.append([x + v for x, v in zip(a, vals)])
+        seq_kl.append(sum(k1))
+        flat.extend(a)
+    mean = sum(flat) / len(flat)
+    var = sum((x - mean) ** 2 for x in flat) / (len(flat) - 1)
+    for i, a in enumerate(adv_raw):
+        n = len(a)
+        want = torch.tensor([(x - mean) / (var + 1e-8) ** 0.5 for x in a], dtype=torch.float64)
+        torch.testing.assert_close(seen["adv"][i, :n].double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(seen["ret"][i, :n].double(), torch.tensor(ret_want[i], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-5)
+        assert torch.all(seen["adv"][i, n:] == 0) and torch.all(seen["ret"][i, n:] == 0)
+    mean_kl = sum(seq_kl) / len(seq_kl)
+    assert metrics["objective/kl"] == pytest.approx(mean_kl, abs=1e-5)
+    assert metrics["objective/kl_coef"] == COEF
+    err = min(max(mean_kl / TARGET - 1.0, -0.2), 0.2)
+    assert kl_ctl.value == pytest.approx(COEF * (1 + err * 4 / HORIZON), rel=1e-6)
+    assert metrics["objective/rlhf_reward"] == pytest.approx(sum(s - COEF * k for s, k in zip(scores, seq_kl)) / 4,
+                                                              abs=1e-5)
+
+    # the update: one SGD step on the mean over two micro-batches of the PPO loss, written out (ratio 1 and
+    # values equal to the rollout's, so neither clip is active at the first and only step)
+    w1 = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, seen["w0"]):
+            p.copy_(w)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(T._mix(cfg.seed, 1, 0)))
+    total = 0.0
+    policy.set_train(True)
+    for mc in order.split(2):
+        lp, v, ent = policy.forward(seen["q"][mc], seen["qm"][mc], seen["r"][mc], rm[mc], with_entropy=True,
+                                    temperature=cfg.generation.temperature)
+        m = rm[mc].float()
+        adv, ret = seen["adv"][mc], seen["ret"][mc]
+        ratio = torch.exp(lp - seen["old_lp"][mc])
+        pg = -(adv * ratio * m).sum() / m.sum()
+        vf = 0.5 * ((v - ret).square() * m).sum() / m.sum()
+        entropy = (ent * m).sum() / m.sum()
+        total = total + (pg + VF * vf - ENT * entropy) / 2
+    policy.set_train(False)
+    grads = torch.autograd.grad(total, params)
+    assert max(float(gr.abs().max()) for gr in grads) > 1e-4
+    for w0, gr, got in zip(seen["w0"], grads, w1, strict=True):
+        torch.testing.assert_close(got, w0 - LR * gr, rtol=0.0, atol=1e-6)
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["policy/updates"] == 1.0
