@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from detoxflow import errors, preflight
-from detoxflow.config import Config, dump_yaml, load_config
+from detoxflow.config import GENERATE_MAX_QUERY_TOKENS, Config, dump_yaml, load_config
 
 app = typer.Typer(
     help="detoxflow: make a language model less toxic with PEFT-PPO and a KL-penalised reward.",
@@ -50,7 +50,6 @@ class UserError(errors.InputError):
 
 
 _state = {"debug": False}
-GENERATE_MAX_QUERY_TOKENS = 512
 
 
 @app.callback()
