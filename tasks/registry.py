@@ -209,8 +209,9 @@ def gate_and_promote(
         decision = decide(challenger, champ, base, cfg.promotion, cfg.ppo.kl.target,
                           evaluation.get("alarms") or [])
         tags = {**decision.as_tags(), TAG_CHAMPION_BEFORE: before or "none", TAG_CHAMPION_METRICS: source or "none"}
-        _record_decision(name, version, tags)
+        # description and model card first: a recorded decision (the retry's marker) implies they were written
         _describe(cfg, name, str(version), evaluation, train, data, tags[TAG_DECISION], list(decision.reasons))
+        _record_decision(name, version, tags)
         if decision.promote:
             tracking.set_champion(name, version)
             fault_point("set_champion")

@@ -14,6 +14,8 @@ named ``model`` whose source run is the training run, holding an MLflow model wi
   detoxflow version and git sha in the MLmodel ``metadata``;
 - a model card (``model_card.md``, :func:`write_model_card`) once the gate has decided.
 
+The model is logged "from code" (:mod:`detoxflow.tracking.model_code`, no pickled object), so loading it
+needs detoxflow installed, as serving it with ``--env-manager local`` in the project's environment does.
 :class:`PolicyModel` is the wrapper: ``load_context`` builds a :class:`~detoxflow.models.policy.Policy` from the
 artifacts, ``predict`` calls :meth:`PolicyModel.summarize`, which ``detoxflow generate`` calls too.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import pandas as pd
 from mlflow.entities import LoggedModelOutput
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
@@ -41,14 +44,13 @@ from detoxflow.tracking.backend import MODEL_ARTIFACT, TAG_GIT_SHA, TAG_VERSION,
 from detoxflow.tracking.lineage import git_state
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from detoxflow.models.policy import Policy
 
 PROMPT_COLUMN = "prompt"
 SUMMARY_COLUMN = "summary"
 MODEL_TYPE = "detoxflow-policy"
 MODEL_CARD = "model_card.md"
+MODEL_CODE = Path(__file__).with_name("model_code.py")  # logged as the model's code: no pickled object
 META_FILE = "detoxflow.json"  # detoxflow.models.artifact.ARTIFACT_META (that module imports torch)
 # The parts of a saved artifact folder, as pyfunc artifact name -> file or folder name inside it.
 PARTS = {"meta": META_FILE, "adapter": "adapter", "tokenizer": "tokenizer", "value_head": "value_head.pt",
@@ -98,8 +100,6 @@ def generation_settings(params: Mapping[str, Any] | None) -> tuple[GenerationCon
 
 def _prompts(model_input: Any) -> list[str]:
     """A DataFrame with a ``prompt`` column, a list of strings, or one string -> the prompts."""
-    import pandas as pd
-
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, pd.DataFrame):
@@ -141,9 +141,8 @@ class PolicyModel(PythonModel):
         return self.policy.generate_texts(list(prompts), gen, max_query_tokens=data.max_query_tokens,
                                           tail=template_tail(data.prompt_template))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import pandas as pd
-
+    # the input annotated as a DataFrame: MLflow then validates against the logged signature, not a type hint
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         gen, data = generation_settings(params)
         return pd.DataFrame({SUMMARY_COLUMN: self.summarize(_prompts(model_input), gen, data)})
 
@@ -187,10 +186,8 @@ def log_policy(artifact_dir: str | os.PathLike[str], run_id: str, *, step: int =
     meta = {TAG_VERSION: detoxflow.__version__, **({TAG_GIT_SHA: sha} if sha else {})}
     logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT, source_run_id=run_id, model_type=MODEL_TYPE,
                                             experiment_id=run.info.experiment_id, tags={**meta, **(tags or {})})
-    import pandas as pd
-
     mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT, model_id=logged.model_id, python_model=PolicyModel(),
+        name=MODEL_ARTIFACT, model_id=logged.model_id, python_model=str(MODEL_CODE),
         artifacts=artifact_parts(artifact_dir), signature=signature(),
         input_example=(pd.DataFrame({PROMPT_COLUMN: [EXAMPLE_PROMPT]}), {"max_new_tokens": 8}),
         pip_requirements=pip_requirements(), metadata=meta,

@@ -76,9 +76,19 @@ class VersionInfo:
 def _version_info(mv: Any) -> VersionInfo:
     return VersionInfo(
         name=mv.name, version=str(mv.version), run_id=mv.run_id or None, source=mv.source,
-        tags=dict(mv.tags or {}), aliases=tuple(mv.aliases or ()), model_id=getattr(mv, "model_id", None) or None,
+        tags=dict(mv.tags or {}), aliases=tuple(mv.aliases or ()), model_id=_model_id_of(mv),
         description=mv.description or "",
     )
+
+
+def _model_id_of(mv: Any) -> str | None:
+    """The logged model a version was registered from: its ``model_id`` (not every store returns it) or the id
+    its ``models:/<model id>`` source names."""
+    if getattr(mv, "model_id", None):
+        return str(mv.model_id)
+    source = mv.source or ""
+    tail = source.removeprefix("models:/").rstrip("/")
+    return tail if source.startswith("models:/m-") and "/" not in tail else None
 
 
 def version_metrics(info: VersionInfo) -> dict[str, float]:
