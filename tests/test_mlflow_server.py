@@ -66,7 +66,8 @@ def _cfg(tmp_path: Path, uri: str, name: str = "srv") -> Config:
 def _serve(model_uri: str, tracking_url: str, log: Path) -> ManagedProcess:
     """``mlflow models serve -m MODEL_URI --env-manager local`` in this (the project's) environment."""
     port = free_port()
-    env = {**mlflow_server_env(), "MLFLOW_TRACKING_URI": tracking_url}
+    env = {**mlflow_server_env(), "MLFLOW_TRACKING_URI": tracking_url,  # uvicorn from the project's environment
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(port)]
     proc = ManagedProcess(cmd, log_path=log, health=lambda: http_ok(f"http://127.0.0.1:{port}/ping"), env=env,
