@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
-from mlflow.entities import LoggedModelOutput
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -201,13 +202,15 @@ def log_policy(artifact_dir: str | os.PathLike[str], run_id: str, *, step: int =
 
 
 def logged_model_of_run(run_id: str) -> str | None:
-    """The id of the pyfunc model ``model`` that :func:`log_policy` logged for ``run_id``, or None (a run from
-    before the policy was an MLflow model, or one that logged none)."""
-    run = _client().get_run(run_id)
+    """The id of the newest complete (READY) pyfunc model ``model`` that :func:`log_policy` logged for
+    ``run_id``, or None (a run from before the policy was an MLflow model, or one whose upload never finished)."""
+    cli = _client()
+    run = cli.get_run(run_id)
     outputs = run.outputs.model_outputs if run.outputs else []
     for out in reversed(outputs or []):
-        with contextlib.suppress(Exception):
-            if _client().get_logged_model(out.model_id).name == MODEL_ARTIFACT:
+        with contextlib.suppress(MlflowException):
+            logged = cli.get_logged_model(out.model_id)
+            if logged.name == MODEL_ARTIFACT and logged.status == LoggedModelStatus.READY:
                 return out.model_id
     return None
 
