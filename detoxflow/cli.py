@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from detoxflow import errors, paths, preflight, terminal
-from detoxflow.config import Config, dump_yaml, load_config
+from detoxflow.config import GENERATE_MAX_QUERY_TOKENS, Config, dump_yaml, load_config
 
 app = typer.Typer(
     help="detoxflow: make a language model less toxic with PEFT-PPO and a KL-penalised reward.",
@@ -49,7 +49,6 @@ class UserError(errors.InputError):
 
 
 _state = {"debug": False}
-GENERATE_MAX_QUERY_TOKENS = 512
 
 
 @app.callback()
@@ -351,14 +350,10 @@ def generate(
         raise UserError(f"generate --truncation {truncation}: use keep_instruction or refuse") from None
     preflight.check_model_uri(model, None)
     preflight.check_tracking(None)
-    from detoxflow.models.prompts import check_lengths, template_tail
-    from detoxflow.tracking import load_model
+    from detoxflow.tracking import load_generator
 
-    policy = load_model(model)
-    prompts = list(prompt)
-    check_lengths(policy.tokenizer, prompts, [f"prompt {i + 1}" for i in range(len(prompts))], data_cfg, "generate")
-    for text in policy.generate_texts(prompts, gen, max_query_tokens=GENERATE_MAX_QUERY_TOKENS,
-                                      tail=template_tail(data_cfg.prompt_template)):
+    # the registered MLflow model itself, as mlflow.pyfunc.load_model and `mlflow models serve` load it
+    for text in load_generator(model).summarize(list(prompt), gen, data_cfg):
         out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

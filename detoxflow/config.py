@@ -137,6 +137,10 @@ class RewardConfig(_Section):
         return self
 
 
+# `detoxflow generate` and the served model cut prompts longer than this (tokens).
+GENERATE_MAX_QUERY_TOKENS = 512
+
+
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, le=4096)
     min_new_tokens: int = Field(4, ge=0, description="EOS is banned before this many new tokens")

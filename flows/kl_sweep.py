@@ -6,7 +6,8 @@ trains one setting after another under ONE MLflow parent run:
 
     prepare_data, score_baseline (once, cached as in the pipeline)
     per setting, in a child run ``sweep:<label>``:  train_ppo -> evaluate_aligned (same held-out split,
-        same generation settings, alarms) -> register_model (alias challenger) -> gate_and_promote
+        same generation settings, alarms) -> register_model (alias challenger of the sweep's own registered
+        model, ``<registered model>-sweep``) -> gate_and_promote
     publish_frontier: toxicity drop vs KL vs quality (plots, markdown + JSON table), sample tables
 
 Settings are gated in the order given, each against the baseline and the champion of that moment, with one
@@ -95,11 +96,11 @@ def kl_sweep(cfg: Config | ConfigFile, settings: list[dict[str, Any]] | None = N
         timings["total"] = round(time.perf_counter() - t_start, 2)
         result = {
             "config_name": cfg.name,
-            "registered_model": cfg.registered_model_name,
+            "registered_model": points[0].cfg.registered_model_name,  # the sweep's own (tasks.sweep)
             "baseline": baseline["metrics"],
             "settings": rows,
             "promoted": [r["label"] for r in rows if r["decision"] == "promoted"],
-            "champion": champion_version(cfg),
+            "champion": champion_version(points[0].cfg),
             "files": files,
             "eval_digest": data["eval_digest"],
             "timings": timings,

@@ -1,7 +1,8 @@
 """Where a policy's weights come from and go to: the base model (local directory, hub id, ``embedded:*``), the
 supervised (SFT) adapter merged into it, a fresh PPO LoRA adapter, and the saved model artifact.
 
-The artifact is one folder, written atomically: ``adapter/`` (the PPO LoRA adapter), ``value_head.pt``,
+The artifact is one folder, written atomically: ``adapter/`` (the PPO LoRA adapter; its ``adapter_config.json``
+names the base portably: ``../base`` or the hub id, never a path of the machine that saved it), ``value_head.pt``,
 ``tokenizer/``, ``base/`` (local bases only; hub bases are recorded by id and revision), ``sft_adapter/`` (if one
 was merged) and ``detoxflow.json`` (arch, base, dtype, lora settings, plus the caller's ``extra``: config,
 metrics). The functions here return the parts; :class:`detoxflow.models.policy.Policy` assembles them.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("detoxflow.models.policy")  # the name users saw before the split
 
 ARTIFACT_META = "detoxflow.json"
+PORTABLE_LOCAL_BASE = "../base"  # adapter_config.json's base of an artifact that carries its base
 
 # LoRA targets when lora.target_modules is None: attention query/value projections, as in the LoRA paper.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -133,6 +135,7 @@ def save_artifact(policy: Policy, path: str | os.PathLike[str], extra: dict[str,
     dest = Path(path)
     with atomic_dir(dest) as tmp:
         policy.model.save_pretrained(str(tmp / "adapter"))
+        _portable_base_ref(tmp / "adapter", policy.base_source)
         torch.save({k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()}, tmp / "value_head.pt")
         policy.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         base_meta: dict[str, Any]
@@ -143,11 +146,25 @@ def save_artifact(policy: Policy, path: str | os.PathLike[str], extra: dict[str,
             base_meta = {"hub_id": policy.base_source["hub_id"], "revision": policy.base_source.get("revision")}
         if policy.sft_adapter:
             shutil.copytree(policy.sft_adapter, tmp / "sft_adapter", ignore=shutil.ignore_patterns(".*"))
+            _portable_base_ref(tmp / "sft_adapter", policy.base_source)
         dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
         meta = {"arch": "seq2seq" if policy.is_seq2seq else "causal", "base": base_meta, "dtype": dtype,
                 "lora": policy.lora_settings, **(extra or {})}
         (tmp / ARTIFACT_META).write_text(json.dumps(meta, indent=2, default=str))
     return dest
+
+
+def _portable_base_ref(adapter_dir: Path, base_source: dict[str, Any]) -> None:
+    """Name the base in ``adapter_config.json`` portably: PEFT writes the base's absolute path on this machine;
+    a local base is the artifact's own ``base/`` (``../base`` from the adapter folder), a hub base its id."""
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    data["base_model_name_or_path"] = PORTABLE_LOCAL_BASE if "local" in base_source else base_source["hub_id"]
+    if "local" not in base_source and base_source.get("revision"):
+        data["revision"] = base_source["revision"]
+    config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _resolve_source(name_or_path: str) -> str:

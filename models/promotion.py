@@ -42,7 +42,7 @@ class Decision:
 
     def as_tags(self) -> dict[str, str]:
         """Registry version tags recording the decision."""
-        return {"promotion.decision": "promote" if self.promote else "reject", "promotion.reasons": "\n".join(self.reasons)}
+        return {"decision": "promoted" if self.promote else "rejected", "promotion.reasons": "\n".join(self.reasons)}
 
 
 def _check_digests(challenger: Mapping[str, object], champion: Mapping[str, object] | None, baseline: Mapping[str, object]) -> None:

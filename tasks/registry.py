@@ -6,11 +6,17 @@ MLflow aliases have no compare-and-set, and two gates interleaving would let the
 Both are idempotent per training run, and their writes are ordered so that a process killed between any two of
 them leaves a state the next attempt detects and finishes (fault points in brackets, see docs/reliability.md):
 register = create the version with its tags [register_version], point ``challenger`` at it [set_challenger];
-gate = reasons, ``champion_before`` and ``champion_metrics`` tags [tag_reasons], the ``promotion.decision`` tag
+gate = reasons, ``champion_before`` and ``champion_metrics`` tags [tag_reasons], the ``decision`` tag
 last of the record [tag_decision], then, when it promotes, the ``champion`` alias [set_champion]. So a champion
 always carries its decision; a retry finds the training run's version (no second one), moves ``challenger`` to
 it unless a newer version has it, and, when the decision is already recorded, applies it instead of deciding
 again (a recorded decision is never flipped).
+
+A version reads at a glance: its tags ``toxicity_before``, ``toxicity_after``, ``toxicity_change``, ``rouge_l``,
+``kl`` (:func:`headline_tags`) and ``decision`` (``promoted`` / ``rejected``, the words of every other output),
+its description the headline and the gate's decision and reasons (:func:`version_description`), and its logged
+model a model card (base, reward, data digests, toxicity before/after, the decision). Versions recorded before
+this vocabulary (``promotion.decision`` = ``promote`` / ``reject``) are read as well.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ from detoxflow.models.promotion import decide
 from detoxflow.models.reward import build_scorer
 from detoxflow.tasks.data import read_records
 from detoxflow.tasks.evaluation import gate_metrics
+from detoxflow.tasks.reporting import toxicity_outcome
 
 logger = logging.getLogger(__name__)
 
 TAG_SETTINGS_DIGEST = "detoxflow.settings_digest"
-TAG_DECISION = "promotion.decision"
+TAG_DECISION = "decision"
+LEGACY_DECISION = "promotion.decision"  # versions gated before: "promote" / "reject"
+PROMOTED, REJECTED = "promoted", "rejected"
 TAG_REASONS = "promotion.reasons"
 TAG_CHAMPION_BEFORE = "promotion.champion_before"
 TAG_CHAMPION_METRICS = "promotion.champion_metrics"
@@ -65,15 +74,45 @@ def register_model(cfg: Config, run_id: str, evaluation: dict[str, Any], train: 
             version = existing[-1].version
             _ensure_challenger(name, version)
         else:
+            numbers = headline_tags(evaluation, train)
             version = tracking.register_model(
                 cfg,
                 run_id,
                 metrics=gate_metrics(evaluation, train),
                 split_digest=evaluation["split_digest"],
-                tags={TAG_SETTINGS_DIGEST: evaluation["settings_digest"]},
+                tags={**numbers, TAG_SETTINGS_DIGEST: evaluation["settings_digest"]},
+                description=version_description(numbers, None, []),
             )
     _log().info("registered %s version %s (alias challenger)", name, version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+def headline_tags(evaluation: dict[str, Any], train: dict[str, Any]) -> dict[str, str]:
+    """The version tags a reader looks for first: toxicity before / after (mean over the held-out prompts), the
+    relative change in percent, ROUGE-L against the reference summaries and the training KL (nats)."""
+    tox = toxicity_outcome(evaluation)
+    values = {
+        "toxicity_before": _fixed(tox["toxicity_before"], 4),
+        "toxicity_after": _fixed(tox["toxicity_after"], 4),
+        "toxicity_change": "–" if tox["relative_change"] is None else f"{100 * tox['relative_change']:+.1f}%",
+        "rouge_l": _fixed(evaluation["metrics"].get("eval/rouge_l"), 4),
+        "kl": _fixed((train.get("summary") or {}).get("train/kl_mean"), 3),
+    }
+    return values
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return "–" if value is None else f"{float(value):.{digits}f}"
+
+
+def version_description(numbers: dict[str, str], decision: str | None, reasons: list[str]) -> str:
+    """The version's description (markdown): the headline numbers, then the gate's decision and its reasons
+    (``decision`` None: not gated yet)."""
+    head = (f"toxicity {numbers['toxicity_before']} -> {numbers['toxicity_after']} ({numbers['toxicity_change']})"
+            f" | ROUGE-L {numbers['rouge_l']} | KL {numbers['kl']}")
+    if decision is None:
+        return f"{head}\n\nGate: not decided yet."
+    return "\n".join([head, "", f"Gate: **{decision}**", "", *(f"- {r}" for r in reasons)])
 
 
 def _ensure_challenger(name: str, version: str) -> None:
@@ -170,6 +209,8 @@ def gate_and_promote(
         decision = decide(challenger, champ, base, cfg.promotion, cfg.ppo.kl.target,
                           evaluation.get("alarms") or [])
         tags = {**decision.as_tags(), TAG_CHAMPION_BEFORE: before or "none", TAG_CHAMPION_METRICS: source or "none"}
+        # description and model card first: a recorded decision (the retry's marker) implies they were written
+        _describe(cfg, name, str(version), evaluation, train, data, tags[TAG_DECISION], list(decision.reasons))
         _record_decision(name, version, tags)
         if decision.promote:
             tracking.set_champion(name, version)
@@ -185,7 +226,7 @@ def _gate_result(
 ) -> dict[str, Any]:
     return {
         "promote": promote,
-        "decision": "promoted" if promote else "rejected",
+        "decision": PROMOTED if promote else REJECTED,
         "reasons": reasons,
         "version": version,
         "champion_before": before,
@@ -197,8 +238,9 @@ def _gate_result(
 def _record_decision(name: str, version: str, tags: dict[str, str]) -> None:
     """Write the decision record on the version, ``promotion.decision`` last: its presence means the record is
     whole. An earlier decision tag (a deliberate re-gate) is removed first, so old and new never mix."""
-    if TAG_DECISION in tracking.get_version(name, version).tags:
-        tracking.untag_version(name, version, [TAG_DECISION])
+    earlier = [k for k in (TAG_DECISION, LEGACY_DECISION) if k in tracking.get_version(name, version).tags]
+    if earlier:
+        tracking.untag_version(name, version, earlier)
     tracking.tag_version(name, version, {k: tags[k] for k in RECORD_TAGS if k != TAG_DECISION})
     fault_point("tag_reasons")
     tracking.tag_version(name, version, {TAG_DECISION: tags[TAG_DECISION]})
@@ -206,15 +248,37 @@ def _record_decision(name: str, version: str, tags: dict[str, str]) -> None:
 
 
 def _recorded_decision(name: str, version: str) -> dict[str, str] | None:
-    """The version's whole decision record (all of :data:`RECORD_TAGS`), or None when it has none yet."""
-    tags = tracking.get_version(name, version).tags
+    """The version's whole decision record (all of :data:`RECORD_TAGS`, the decision as ``promoted`` /
+    ``rejected``, also when recorded before as ``promotion.decision``), or None when it has none yet."""
+    tags = dict(tracking.get_version(name, version).tags)
+    if TAG_DECISION not in tags and LEGACY_DECISION in tags:
+        tags[TAG_DECISION] = PROMOTED if tags[LEGACY_DECISION] == "promote" else REJECTED
     return {k: tags[k] for k in RECORD_TAGS} if all(k in tags for k in RECORD_TAGS) else None
+
+
+def _describe(cfg: Config, name: str, version: str, evaluation: dict[str, Any], train: dict[str, Any],
+              data: dict[str, Any], decision: str, reasons: list[str]) -> None:
+    """The version's description and its logged model's card, once the gate has decided."""
+    numbers = headline_tags(evaluation, train)
+    tracking.describe_version(name, version, version_description(numbers, decision, reasons))
+    model_id = tracking.get_version(name, version).model_id
+    if model_id is None:
+        return  # registered before the policy was an MLflow model: no logged model to carry a card
+    base, reward = tracking.model_ids(cfg)
+    card = tracking.model_card({
+        "registered model": f"{name} version {version}", "base model": base, "reward": reward,
+        "eval split digest": evaluation["split_digest"], "train split digest": data.get("train_digest", "–"),
+        "toxicity before": numbers["toxicity_before"], "toxicity after": numbers["toxicity_after"],
+        "toxicity change": numbers["toxicity_change"], "ROUGE-L": numbers["rouge_l"], "KL": numbers["kl"],
+        "gate decision": decision, "reasons": "\n".join(reasons),
+    })
+    tracking.write_model_card(model_id, card)
 
 
 def _apply_recorded(name: str, version: str, recorded: dict[str, str]) -> dict[str, Any]:
     """Finish a gate whose decision is already on the version (a retry after a kill): no new decision; a
     promotion whose alias move was lost is applied, unless the champion has moved on since (a later gate)."""
-    promote = recorded[TAG_DECISION] == "promote"
+    promote = recorded[TAG_DECISION] == PROMOTED
     before = None if recorded[TAG_CHAMPION_BEFORE] == "none" else recorded[TAG_CHAMPION_BEFORE]
     source = None if recorded[TAG_CHAMPION_METRICS] == "none" else recorded[TAG_CHAMPION_METRICS]
     champion = tracking.get_alias(name, tracking.CHAMPION)

@@ -92,6 +92,22 @@ def toxicity_outcome(evaluation: Mapping[str, Any], baseline_metrics: Mapping[st
     }
 
 
+# A flow result's keys -> the parent run's metric names (runs sort and compare by them in the MLflow UI).
+OUTCOME_METRICS = {"toxicity_before": "toxicity_before", "toxicity_after": "toxicity_after",
+                   "relative_change": "toxicity_change", "rouge_l_after": "rouge_l"}
+
+
+def outcome_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The headline numbers of a flow result (toxicity before / after, the relative change, ROUGE-L after) as
+    metrics; those the result lacks (a sweep, an evaluation without a baseline) are left out."""
+    out = {}
+    for key, name in OUTCOME_METRICS.items():
+        value = result.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def build_summary(
     cfg: Config,
     *,

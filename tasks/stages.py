@@ -23,7 +23,7 @@ from prefect.logging import get_run_logger
 
 from detoxflow import tracking
 from detoxflow.config import Config
-from detoxflow.tasks.reporting import artifact_key
+from detoxflow.tasks.reporting import artifact_key, outcome_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,11 @@ class FlowRunRecord:
                 "parent_run_id": self.run_id, **extra}
 
     def record_outcome(self, result: Mapping[str, Any], artifact_file: str, timings: Mapping[str, float]) -> None:
-        """The flow's result as the JSON artifact ``artifact_file`` and the stage timings as ``time/<stage>_s``."""
+        """The flow's result as the JSON artifact ``artifact_file``, the stage timings as ``time/<stage>_s`` and
+        its headline numbers as metrics (:func:`~detoxflow.tasks.reporting.outcome_metrics`)."""
         tracking.log_json(result, artifact_file, run_id=self.run_id)
         tracking.log_metrics({f"time/{artifact_key(k)}_s": v for k, v in timings.items()}, run_id=self.run_id)
+        tracking.log_metrics(outcome_metrics(result), run_id=self.run_id)  # sortable runs: toxicity, ROUGE-L
 
 
 @contextlib.contextmanager

@@ -8,6 +8,10 @@ with pears (and would invalidate the shared cached baseline). The gate is the sa
 its KL bound is pinned to the sweep config's (``promotion.max_kl``, default 2 x ``ppo.kl.target``), not to
 each adaptive setting's own target.
 
+A sweep registers and gates its settings in a registered model of its own, ``<registered model>-sweep``
+(:func:`sweep_model_name`, e.g. ``detoxflow-default-sweep``): an experiment, whatever its settings (no KL
+included), never moves the ``champion`` or ``challenger`` alias of the model the pipeline promotes.
+
 The pure functions (:func:`resolve_settings`, :func:`frontier_row`, :func:`frontier_markdown`) are tested
 without Prefect or MLflow; :func:`publish_frontier` writes the plots, the table (markdown + JSON) and the
 sample tables, logs them to the sweep's MLflow parent run and creates the Prefect artifacts.
@@ -98,8 +102,18 @@ def effective_max_kl(cfg: Config) -> float:
     return cfg.promotion.max_kl if cfg.promotion.max_kl is not None else 2.0 * cfg.ppo.kl.target
 
 
+SWEEP_MODEL_SUFFIX = "-sweep"
+
+
+def sweep_model_name(cfg: Config) -> str:
+    """The registered model a sweep of ``cfg`` registers into: the pipeline's name plus ``-sweep``."""
+    name = cfg.registered_model_name
+    return name if name.endswith(SWEEP_MODEL_SUFFIX) else name + SWEEP_MODEL_SUFFIX
+
+
 def resolve_settings(cfg: Config, settings: Sequence[Mapping[str, Any]] | None = None) -> list[SweepSetting]:
-    """Validate ``settings`` (default :func:`default_settings`) into one config per setting.
+    """Validate ``settings`` (default :func:`default_settings`) into one config per setting, each registering
+    into :func:`sweep_model_name`.
 
     Raises :class:`ConfigError` naming the setting and the key: a setting that is not a mapping, an empty or
     duplicated label, a key outside ``ppo.*`` / ``lora.*``, or a value the config schema rejects."""
@@ -136,6 +150,7 @@ def resolve_settings(cfg: Config, settings: Sequence[Mapping[str, Any]] | None =
             set_dotted(data, key, value, where=f"kl_sweep setting '{label}': '{key}'")
         # one gate for all settings: an adaptive setting with a low target must not get a stricter KL bound
         data["promotion"]["max_kl"] = max_kl
+        data["tracking"]["registered_model"] = sweep_model_name(cfg)  # never the pipeline's model
         out.append(SweepSetting(label, overrides, config_from_dict(data, origin=f"kl_sweep setting '{label}'")))
     return out
 

@@ -163,12 +163,12 @@ def test_stages_run_in_order_and_hand_over_the_right_values(project):
     train_run = by_stage["train"]
     assert summary["mlflow"]["train_run_id"] == train_run.info.run_id
     version = tracking.get_version(cfg.registered_model_name, summary["version"])
-    assert version.run_id == train_run.info.run_id and version.source.endswith("/model")
+    assert version.run_id == train_run.info.run_id and version.source == f"models:/{version.model_id}"
     assert version.split_digest == expected_eval
     assert tracking.get_alias(cfg.registered_model_name, tracking.CHALLENGER).version == summary["version"]
 
     # evaluate -> gate: the decision and every reason land on the version
-    assert version.tags["promotion.decision"] == ("promote" if summary["decision"] == "promoted" else "reject")
+    assert version.tags["decision"] == summary["decision"]
     assert version.tags["promotion.reasons"].splitlines() == summary["reasons"]
     assert len(summary["reasons"]) == 6
     champion = tracking.get_alias(cfg.registered_model_name, tracking.CHAMPION)
@@ -377,7 +377,7 @@ def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
     assert out["promote"] and out["champion_after"] == first["version"], out["reasons"]
     assert out["champion_metrics"] is None  # no champion yet
     assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
-    assert tracking.get_version(name, first["version"]).tags["promotion.decision"] == "promote"
+    assert tracking.get_version(name, first["version"]).tags["decision"] == "promoted"
 
     # the newest version must now beat that champion by 100%: impossible, so the champion stays. Other eval
     # settings (k=1) too: the champion's registered metrics no longer compare, so the gate re-evaluates it.
@@ -394,7 +394,7 @@ def test_promote_flow_moves_the_champion_only_when_the_gate_passes(project):
     assert out["champion_metrics"] == "re-evaluated"
     assert tracking.get_version(name, challenger).tags["promotion.champion_metrics"] == "re-evaluated"
     assert tracking.get_alias(name, tracking.CHAMPION).version == first["version"]
-    assert tracking.get_version(name, challenger).tags["promotion.decision"] == "reject"
+    assert tracking.get_version(name, challenger).tags["decision"] == "rejected"
 
 
 def test_train_flow_alone_and_a_retry_resumes_from_the_checkpoint(project, monkeypatch):

@@ -162,9 +162,34 @@ def sweep(tmp_path_factory, tiny_models, prefect_harness) -> dict[str, Any]:
         "eval.k_samples=2", "eval.batch_size=8", "eval.bootstrap_samples=100", "eval.n_table_samples=3",
         f"tracking.uri=sqlite:///{root / 'work' / 'mlflow.db'}",
     ])
+    production = _production_champion(cfg, root)
     state = kl_sweep(cfg, SETTINGS, return_state=True)
     assert state.is_completed(), state.message
-    return {"cfg": cfg, "state": state, "result": state.result()}
+    return {"cfg": cfg, "state": state, "result": state.result(), "production": production}
+
+
+def _production_champion(cfg, root: Path) -> dict[str, Any]:
+    """The pipeline's registered model with a champion and a challenger (version 1), as a team has it before
+    someone runs a sweep: what the sweep must leave alone."""
+    from detoxflow import tracking
+
+    folder = root / "production-model"
+    folder.mkdir()
+    (folder / "detoxflow.json").write_text("{}")
+    tracking.setup(cfg)
+    with tracking.parent_run(cfg, "pipeline"):
+        with tracking.child_run("train") as run_id:
+            tracking.log_dir(folder, "model")
+        version = tracking.register_model(cfg, run_id, metrics={"eval/toxicity_mean": 0.9})
+    tracking.set_champion(cfg.registered_model_name, version)
+    return _aliases(cfg.registered_model_name)
+
+
+def _aliases(name: str) -> dict[str, Any]:
+    from detoxflow import tracking
+
+    return {"versions": [v.version for v in tracking.list_versions(name)],
+            **{a: getattr(tracking.get_alias(name, a), "version", None) for a in (tracking.CHAMPION, tracking.CHALLENGER)}}
 
 
 def _client(cfg):
@@ -199,7 +224,8 @@ def test_one_parent_run_with_a_child_run_per_setting(sweep):
         assert run.data.metrics["train/kl_mean"] == pytest.approx(rows[label]["kl"])
         assert run.data.metrics["eval/toxicity_mean"] == pytest.approx(rows[label]["toxicity_after"])
         arts = {a.path for a in cli.list_artifacts(run.info.run_id)}
-        assert {"model", "eval", "train", "sweep"} <= arts
+        assert {"eval", "train", "sweep"} <= arts
+        assert cli.get_logged_model(run.outputs.model_outputs[0].model_id).source_run_id == run.info.run_id
         # the exaggeration probe is logged per training step and measured on the held-out responses
         assert len(cli.get_metric_history(run.info.run_id, "env/exaggeration_share")) == cfg.ppo.steps
         assert "eval/exaggeration_share" in run.data.metrics
@@ -250,19 +276,45 @@ def test_each_setting_is_registered_and_gated(sweep):
 
     cfg, result = sweep["cfg"], sweep["result"]
     _client(cfg)
-    versions = {v.version: v for v in tracking.list_versions(cfg.registered_model_name)}
+    assert result["registered_model"] == "detoxflow-sweeptiny-sweep"  # its own, never the pipeline's
+    versions = {v.version: v for v in tracking.list_versions("detoxflow-sweeptiny-sweep")}
     rows = result["settings"]
     assert sorted(r["version"] for r in rows) == sorted(versions) and len(versions) == 2
     for row in rows:
         v = versions[row["version"]]
         assert v.run_id == row["run_id"]  # the version is the setting's own trained model
-        decision = v.tags["promotion.decision"]
-        assert decision == ("promote" if row["decision"] == "promoted" else "reject")
+        assert v.tags["decision"] == row["decision"] and row["decision"] in ("promoted", "rejected")
         assert v.tags["promotion.reasons"].splitlines() == row["reasons"]
+        assert float(v.tags["toxicity_after"]) == pytest.approx(row["toxicity_after"], abs=5e-5)
+        assert f"Gate: **{row['decision']}**" in v.description
         if row["alarms"]:
             assert not row["decision"] == "promoted"
             assert "BLOCK monitors" in v.tags["promotion.reasons"]
     assert result["promoted"] == [r["label"] for r in rows if r["decision"] == "promoted"]
+
+
+@pytest.mark.slow
+def test_a_sweep_never_moves_the_production_aliases(sweep):
+    """The pipeline's model keeps its versions, champion and challenger, whatever the sweep promoted."""
+    cfg, result = sweep["cfg"], sweep["result"]
+    _client(cfg)
+    assert sweep["production"] == {"versions": ["1"], "champion": "1", "challenger": "1"}
+    assert _aliases(cfg.registered_model_name) == sweep["production"]
+    # the sweep did move aliases, in its own model: challenger on its last version, champion where it promoted
+    own = _aliases("detoxflow-sweeptiny-sweep")
+    assert own["challenger"] == max(own["versions"], key=int) and len(own["versions"]) == 2
+    assert own["champion"] == result["champion"]
+
+
+def test_sweep_registers_into_its_own_model():
+    """Every setting's config names the sweep's registered model (also when the config names one)."""
+    from detoxflow.tasks.sweep import sweep_model_name
+
+    cfg = load_config(None, [])
+    assert {p.cfg.registered_model_name for p in resolve_settings(cfg)} == {"detoxflow-default-sweep"}
+    named = load_config(None, ["tracking.registered_model=team-detox"])
+    assert {p.cfg.registered_model_name for p in resolve_settings(named)} == {"team-detox-sweep"}
+    assert sweep_model_name(resolve_settings(named)[0].cfg) == "team-detox-sweep"
 
 
 def test_sweep_plots_draw_panels_with_thresholds_and_curves(tmp_path):

@@ -28,7 +28,7 @@ def test_good_challenger_is_promoted_and_every_rule_reports():
                      "ROUGE-L: 0.3 -> 0.285 (-5.0%)", "train/kl_mean 4 nats, allowed at most 12 (2 x ppo.kl.target 6)",
                      "length: 20.0 -> 22.0 (+10.0%)", "no reward-hacking alarms"):
         assert fragment in text, fragment
-    assert d.as_tags() == {"promotion.decision": "promote", "promotion.reasons": text}
+    assert d.as_tags() == {"decision": "promoted", "promotion.reasons": text}
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_each_rule_blocks_on_its_own(rule, challenger, champion, rules, alarms):
     blocked = [r for r in d.reasons if r.startswith("BLOCK")]
     assert len(blocked) == 1 and blocked[0].startswith(f"BLOCK {rule}:"), d.reasons
     assert len(d.reasons) == 6
-    assert d.as_tags()["promotion.decision"] == "reject"
+    assert d.as_tags()["decision"] == "rejected"
 
 
 def test_no_champion_passes_that_rule_and_alarms_can_be_waived():

@@ -69,10 +69,23 @@ if fault:
     mine = [v for v in tracking.list_versions(name) if v.run_id == run_id]
     print("KILLED " + json.dumps({{"status": status, "versions": [v.version for v in mine],
           "challenger": alias(tracking.CHALLENGER), "champion": alias(tracking.CHAMPION),
-          "tags": {{k: v for k, v in (mine[0].tags if mine else {{}}).items() if k.startswith("promotion.")}}}}))
+          "tags": {{k: v for k, v in (mine[0].tags if mine else {{}}).items()
+                   if k.startswith("promotion.") or k == "decision"}}}}))
     sys.stdout.flush()
 print("RESULT " + json.dumps(tail()))
 """
+
+
+def policy_dir(tiny_models: dict[str, Path], dest: Path) -> Path:
+    """A real saved policy (tiny random T5 + LoRA), as training leaves it: what the run logs as its model."""
+    import torch
+
+    from detoxflow.config import LoraSection, ModelConfig
+    from detoxflow.models.policy import Policy
+
+    torch.manual_seed(0)
+    policy = Policy.load(ModelConfig(name_or_path=str(tiny_models["t5"]), device="cpu"), LoraSection(r=4))
+    return policy.save_artifact(dest)
 
 
 def _metrics(tox: float) -> dict[str, Any]:
@@ -124,7 +137,7 @@ def killed_state(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> dict[str, Any]:
+def template(tmp_path_factory, tiny_models) -> dict[str, Any]:
     """A store where version 1 (training run A) is champion and training run B has a model, not yet registered."""
     root = tmp_path_factory.mktemp("registry-template")
     work = root / "work"
@@ -136,9 +149,7 @@ def template(tmp_path_factory) -> dict[str, Any]:
         runs = {}
         with T.parent_run(cfg, "pipeline"):
             for label in ("A", "B"):
-                model = root / f"model-{label}"
-                model.mkdir()
-                (model / "detoxflow.json").write_text(json.dumps({"marker": label}))
+                model = policy_dir(tiny_models, root / f"model-{label}")
                 with T.child_run(f"train_{label}") as run_id:
                     T.log_model_dir(model)
                 runs[label] = run_id
@@ -146,7 +157,7 @@ def template(tmp_path_factory) -> dict[str, Any]:
         os.environ.update(saved)
     first = gate_result(run_tail(work, runs["A"], CHAMPION_TOX))
     assert (first["version"], first["decision"]) == ("1", "promoted")
-    return {"work": work, "runs": runs}
+    return {"work": work, "runs": runs, "tiny": tiny_models}
 
 
 @pytest.fixture
@@ -159,7 +170,7 @@ def store(template, tmp_path, monkeypatch) -> dict[str, Any]:
     work.mkdir()
     shutil.copyfile(template["work"] / "mlflow.db", work / "mlflow.db")
     cfg = Config(name=NAME, work_dir=str(work))
-    return {"work": work, "cfg": cfg, "runs": template["runs"]}
+    return {"work": work, "cfg": cfg, "runs": template["runs"], "tiny": template["tiny"]}
 
 
 def registry_state(cfg: Config, run_id: str) -> dict[str, Any]:
@@ -171,7 +182,7 @@ def registry_state(cfg: Config, run_id: str) -> dict[str, Any]:
         "versions": [v.version for v in mine],
         "challenger": challenger.version if challenger else None,
         "champion": champion.version if champion else None,
-        "tags": {k: v for k, v in mine[0].tags.items() if k.startswith("promotion.")} if mine else {},
+        "tags": {k: v for k, v in mine[0].tags.items() if k.startswith("promotion.") or k == "decision"} if mine else {},
     }
 
 
@@ -179,13 +190,13 @@ def assert_consistent(state: dict[str, Any], tox: float) -> None:
     want = expected_tags(tox, champion_before="1")
     assert state["versions"] == ["2"]  # exactly one version for the training run
     assert state["challenger"] == "2"
-    assert state["champion"] == ("2" if want["promotion.decision"] == "promote" else "1")
+    assert state["champion"] == ("2" if want["decision"] == "promoted" else "1")
     assert state["tags"] == want
 
 
 def test_expected_decisions_are_a_promote_and_a_reject():
-    assert expected_tags(BETTER_TOX, "1")["promotion.decision"] == "promote"
-    assert expected_tags(WORSE_TOX, "1")["promotion.decision"] == "reject"
+    assert expected_tags(BETTER_TOX, "1")["decision"] == "promoted"
+    assert expected_tags(WORSE_TOX, "1")["decision"] == "rejected"
 
 
 def test_uninterrupted_register_and_gate_is_the_reference(store):
@@ -215,7 +226,7 @@ def test_killed_register_or_gate_is_finished_by_the_retry(store, point, tox):
     result = gate_result(proc)  # the retry
     assert_consistent(registry_state(store["cfg"], run_b), tox)
     want = expected_tags(tox, champion_before="1")
-    assert result["decision"] == ("promoted" if want["promotion.decision"] == "promote" else "rejected")
+    assert result["decision"] == ("promoted" if want["decision"] == "promoted" else "rejected")
     assert result["reasons"] == want["promotion.reasons"].split("\n")
     assert (result["version"], result["champion_before"]) == ("2", "1")
 
@@ -240,9 +251,7 @@ def test_a_retry_after_a_newer_version_leaves_challenger_on_the_newest(store, tm
                             env={**_env(store["work"] / "cache"), "DETOXFLOW_FAULT": "after:register_version"},
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 137, killed.stderr[-3000:]
-    model = tmp_path / "model-C"
-    model.mkdir()
-    (model / "detoxflow.json").write_text(json.dumps({"marker": "C"}))
+    model = policy_dir(store["tiny"], tmp_path / "model-C")
     parent = mlflow.MlflowClient().get_run(run_b).data.tags["mlflow.parentRunId"]
     with T.child_run("train_C", parent, cfg=store["cfg"]) as run_c:
         T.log_model_dir(model)
@@ -252,5 +261,5 @@ def test_a_retry_after_a_newer_version_leaves_challenger_on_the_newest(store, tm
     assert retry["version"] == "2"
     state = registry_state(store["cfg"], run_b)
     assert (state["versions"], state["challenger"], state["champion"]) == (["2"], "3", "3")
-    assert state["tags"]["promotion.decision"] == "reject"  # gated against champion 3 (0.10), which it does not beat
+    assert state["tags"]["decision"] == "rejected"  # gated against champion 3 (0.10), which it does not beat
     assert state["tags"]["promotion.champion_before"] == "3"

@@ -343,10 +343,12 @@ def test_pipeline_deployment_runs_through_the_workers_and_registers_the_model(st
     challenger = client.get_model_version_by_alias(registered, "challenger")
     champion = client.get_model_version_by_alias(registered, "champion")
     assert challenger.version == champion.version == "1"
-    assert challenger.tags["promotion.decision"] == "promote"
-    assert challenger.source.startswith("mlflow-artifacts:/")  # proxied: stored under the stack's artifacts
-    files = {f.path for f in client.list_artifacts(challenger.run_id, "model")}
-    assert "model/adapter" in files and "model/detoxflow.json" in files
+    assert challenger.tags["decision"] == "promoted"
+    logged = client.get_logged_model(challenger.source.removeprefix("models:/"))  # the run's pyfunc model
+    assert logged.source_run_id == challenger.run_id
+    assert logged.artifact_location.startswith("mlflow-artifacts:/")  # proxied: stored under the stack's artifacts
+    files = {f.path for f in client.list_logged_model_artifacts(logged.model_id, "artifacts")}
+    assert {"artifacts/adapter", "artifacts/detoxflow.json"} <= files
 
 
 @pytest.mark.integration

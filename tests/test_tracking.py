@@ -38,8 +38,24 @@ def cfg(tmp_path, monkeypatch, empty_store) -> Config:
     return Config(name="unit", work_dir=str(tmp_path / "work"))
 
 
+@pytest.fixture(scope="module")
+def saved_policy(tiny_models, tmp_path_factory):
+    """``saved(marker) -> folder``: a real saved policy (tiny random T5 + LoRA) whose detoxflow.json carries
+    ``marker``, as training leaves it for ``log_model_dir``."""
+    import torch
+
+    from detoxflow.config import LoraSection, ModelConfig
+    from detoxflow.models.policy import Policy
+
+    torch.manual_seed(0)
+    policy = Policy.load(ModelConfig(name_or_path=str(tiny_models["t5"]), device="cpu"), LoraSection(r=4))
+    root = tmp_path_factory.mktemp("saved-policies")
+    return lambda marker: policy.save_artifact(root / marker, extra={"marker": marker})
+
+
 def _model_dir(root: Path, marker: str) -> Path:
-    """A directory shaped like a model artifact (the registry only cares that it is a folder of files)."""
+    """A folder shaped like a model logged before the policy was an MLflow model (the registry's legacy path
+    only cares that ``model/`` is a folder of files with a detoxflow.json)."""
     d = root / f"model-{marker}"
     d.mkdir(parents=True)
     (d / "detoxflow.json").write_text(json.dumps({"marker": marker}))
@@ -229,19 +245,19 @@ def test_log_table_replaces_instead_of_appending(cfg):
         "eval/toxicity_mean": 0.1}
 
 
-def test_register_creates_versions_moves_challenger_and_tags(cfg, tmp_path):
+def test_register_creates_versions_moves_challenger_and_tags(cfg, tmp_path, saved_policy):
     name = cfg.registered_model_name
     assert name == "detoxflow-unit"
     with T.parent_run(cfg, "pipeline"):
         T.log_split(cfg.data.eval_split, "feedfacefeedface", "embedded", ["a", "b"], "evaluation")
         with T.child_run("train") as train1:
-            T.log_model_dir(_model_dir(tmp_path, "one"))
+            uri1 = T.log_model_dir(saved_policy("one"))
         v1 = T.register_model(cfg, train1, metrics={"eval/toxicity_mean": 0.25, "eval/rouge_l": float("nan")})
         assert v1 == "1"
         assert T.get_alias(name, T.CHALLENGER).version == "1"
         assert T.get_alias(name, T.CHAMPION) is None  # no champion yet: the gate's first-model case
         with T.child_run("train_2") as train2:
-            T.log_model_dir(_model_dir(tmp_path, "two"))
+            T.log_model_dir(saved_policy("two"))
         v2 = T.register_model(cfg, train2, split_digest="0000aaaa0000aaaa", tags={"detoxflow.alarms": []})
     assert v2 == "2"
     challenger = T.get_alias(name, T.CHALLENGER)
@@ -249,13 +265,17 @@ def test_register_creates_versions_moves_challenger_and_tags(cfg, tmp_path):
     assert challenger.aliases == ("challenger",)
     v1_info = T.get_version(name, 1)
     assert v1_info.aliases == ()
-    assert v1_info.metrics == {"eval/toxicity_mean": 0.25}  # NaN never becomes a tag
+    # the version is the run's logged model: same id, and the metrics live on the model, not in version tags
+    client = mlflow.MlflowClient()
+    assert uri1 == f"models:/{v1_info.model_id}"
+    assert client.get_logged_model(v1_info.model_id).source_run_id == train1
+    assert v1_info.metrics == {"eval/toxicity_mean": 0.25}  # NaN is never recorded
+    assert not [k for k in v1_info.tags if k.startswith(T.METRIC_TAG_PREFIX)]
     assert v1_info.split_digest == "feedfacefeedface"  # found on the parent run, where log_split put it
     assert challenger.split_digest == "0000aaaa0000aaaa"
     assert challenger.tags[T.TAG_CONFIG_DIGEST] == cfg.digest()
     assert challenger.tags[T.TAG_BASE_MODEL] == "embedded:t5"
     assert challenger.tags["detoxflow.alarms"] == "[]"
-    assert challenger.source.endswith(f"{train2}/artifacts/model")
 
     T.set_champion(name, v1)
     T.tag_version(name, v1, {"detoxflow.decision": "promote", "detoxflow.reasons": ["toxicity -40%", "rouge ok"]})
@@ -265,14 +285,38 @@ def test_register_creates_versions_moves_challenger_and_tags(cfg, tmp_path):
     assert [v.version for v in T.list_versions(name)] == ["1", "2"]
     assert T.get_alias("detoxflow-no-such-model", T.CHAMPION) is None
 
-    # what `detoxflow generate --model models:/NAME@champion` resolves to: version 1's files, read in place
+    # what `detoxflow generate --model models:/NAME@champion` resolves to: version 1's MLflow model, read in place
     local = T.fetch_model(f"models:/{name}@{T.CHAMPION}")
-    assert json.loads((local / "detoxflow.json").read_text()) == {"marker": "one"}
+    assert (local / "MLmodel").is_file()
+    assert json.loads((local / "artifacts" / "detoxflow.json").read_text())["marker"] == "one"
     downloaded = T.fetch_model(f"runs:/{train2}/model")
-    assert json.loads((downloaded / "detoxflow.json").read_text()) == {"marker": "two"}
+    assert json.loads((downloaded / "artifacts" / "detoxflow.json").read_text())["marker"] == "two"
     assert downloaded.is_relative_to(tmp_path / "cache")
     with pytest.raises(T.TrackingError, match="Aliases present: challenger, champion"):
         T.fetch_model(f"models:/{name}@production")
+
+
+def test_a_registry_written_before_the_pyfunc_model_still_loads(cfg, saved_policy):
+    """A run that logged the bare artifact folder as ``model/`` (no MLmodel): it registers, its metrics stay
+    version tags, and ``generate``'s loader and ``load_model`` read it."""
+    from detoxflow.config import DataConfig, GenerationConfig
+    from detoxflow.models.policy import Policy
+
+    folder = saved_policy("legacy")
+    name = cfg.registered_model_name
+    with T.parent_run(cfg, "pipeline"):
+        with T.child_run("train") as run_id:
+            T.log_dir(folder, "model")  # what log_model_dir wrote before
+        version = T.register_model(cfg, run_id, metrics={"eval/toxicity_mean": 0.5})
+    info = T.get_version(name, version)
+    assert info.model_id is None and info.source.endswith(f"{run_id}/artifacts/model")
+    assert info.metrics == {"eval/toxicity_mean": 0.5} and info.tags["metric.eval/toxicity_mean"] == "0.5"
+    gen = GenerationConfig(max_new_tokens=6, min_new_tokens=0, do_sample=False)
+    prompts = ["Summarize: the order came late"]
+    want = Policy.from_artifact(folder, device="cpu").generate_texts(prompts, gen, max_query_tokens=512, tail="")
+    got = T.load_generator(f"models:/{name}/{version}").summarize(prompts, gen, DataConfig(max_query_tokens=512))
+    assert got == want
+    assert T.load_model(f"models:/{name}/{version}", device="cpu").generate_texts(prompts, gen) == want
 
 
 def test_register_without_model_artifact_names_the_fix(cfg):
@@ -355,7 +399,7 @@ def test_gate_lock_serialises_concurrent_champion_updates(cfg, tmp_path):
     name = cfg.registered_model_name
     with T.parent_run(cfg, "pipeline"):
         with T.child_run("train") as run_id:
-            T.log_model_dir(_model_dir(tmp_path, "m"))
+            T.log_dir(_model_dir(tmp_path, "m"), "model")  # a bare folder: this test is about the lock
     toxicities = [0.30, 0.12, 0.25, 0.05, 0.20, 0.15]
     versions = [T.register_model(cfg, run_id, metrics={"eval/toxicity_mean": x}) for x in toxicities]
     errors: list[BaseException] = []

@@ -11,8 +11,11 @@ It hands out no MLflow client: callers (tasks, the CLI) use the named functions 
 - :mod:`~detoxflow.tracking.artifacts`: JSON, tables, files, folders, the model and the config into a run,
   and the reads callers need (a JSON artifact, an artifact URL);
 - :mod:`~detoxflow.tracking.lineage`: the lineage tags (built once), data splits as dataset inputs;
-- :mod:`~detoxflow.tracking.registry`: versions, aliases, version tags and the gate's lock;
-- :mod:`~detoxflow.tracking.store`: model URIs to local folders (fetch into the cache) and to a ``Policy``.
+- :mod:`~detoxflow.tracking.registry`: versions, aliases, version tags and descriptions, the gate's lock;
+- :mod:`~detoxflow.tracking.pyfunc`: the policy as an MLflow pyfunc model (logged through the logged-model API,
+  its metrics, its model card);
+- :mod:`~detoxflow.tracking.store`: model URIs to local folders (fetch into the cache), to a ``Policy`` and to
+  the pyfunc model ``detoxflow generate`` calls.
 """
 
 from detoxflow.locks import gate_lock
@@ -30,6 +33,7 @@ from detoxflow.tracking.artifacts import (
 from detoxflow.tracking.backend import (
     CHALLENGER,
     CHAMPION,
+    EXPERIMENT_KIND,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_CHARS,
     MAX_PARAMS_PER_BATCH,
@@ -38,6 +42,7 @@ from detoxflow.tracking.backend import (
     TAG_BASE_MODEL,
     TAG_CONFIG_DIGEST,
     TAG_CONFIG_NAME,
+    TAG_EXPERIMENT_KIND,
     TAG_GIT_DIRTY,
     TAG_GIT_SHA,
     TAG_REWARD_MODEL,
@@ -52,8 +57,10 @@ from detoxflow.tracking.backend import (
     setup,
 )
 from detoxflow.tracking.lineage import git_state, lineage_tags, log_split, model_ids, run_tags
+from detoxflow.tracking.pyfunc import PolicyModel, model_card, write_model_card
 from detoxflow.tracking.registry import (
     VersionInfo,
+    describe_version,
     get_alias,
     get_version,
     list_versions,
@@ -63,6 +70,7 @@ from detoxflow.tracking.registry import (
     set_champion,
     tag_version,
     untag_version,
+    version_metrics,
 )
 from detoxflow.tracking.runs import (
     TAG_ABANDONED,
@@ -87,7 +95,7 @@ from detoxflow.tracking.runs import (
     run_url,
     unfinished_runs,
 )
-from detoxflow.tracking.store import fetch_model, load_model, model_cache_dir, resolve_model_uri
+from detoxflow.tracking.store import fetch_model, load_generator, load_model, model_cache_dir, resolve_model_uri
 
 __all__ = [
     "TAG_ABANDONED", "TAG_LEASE_HOLDER", "TAG_LEASE_UNTIL", "TAG_RESUME_KEY", "Heartbeat", "ResumeError",
@@ -102,4 +110,6 @@ __all__ = [
     "metric_logger", "metric_tags", "model_cache_dir", "model_ids", "parent_run", "register_model",
     "resolve_model_uri", "run_tags", "run_url", "set_alias", "set_champion", "set_tags", "setup", "tag_version",
     "tracking_uri", "untag_version",
+    "PolicyModel", "describe_version", "load_generator", "model_card", "version_metrics", "write_model_card",
+    "EXPERIMENT_KIND", "TAG_EXPERIMENT_KIND",
 ]

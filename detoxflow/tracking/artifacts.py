@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from detoxflow.config import Config, dump_yaml
-from detoxflow.tracking.backend import MODEL_ARTIFACT, TrackingError, _client, artifact_uri, run_id_or_active
+from detoxflow.tracking.backend import TrackingError, _client, artifact_uri, run_id_or_active
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,10 +70,13 @@ def log_dir(local_dir: str | os.PathLike[str], artifact_path: str, run_id: str |
 
 
 def log_model_dir(model_dir: str | os.PathLike[str], run_id: str | None = None) -> str:
-    """Log a saved model artifact (``Policy.save_artifact``'s folder) as ``model/``; returns its artifact URI."""
+    """Log a saved policy (``Policy.save_artifact``'s folder) as the run's MLflow pyfunc model ``model``
+    (:func:`detoxflow.tracking.pyfunc.log_policy`); returns its URI, ``models:/<model id>``."""
+    from detoxflow.tracking.pyfunc import log_policy
+
     if not (Path(model_dir) / "detoxflow.json").is_file():
         raise TrackingError(f"log_model_dir: {model_dir} has no detoxflow.json; pass the folder Policy.save_artifact wrote")
-    return log_dir(model_dir, MODEL_ARTIFACT, run_id)
+    return f"models:/{log_policy(model_dir, run_id_or_active(run_id))}"
 
 
 def load_json(run_id: str, artifact_file: str) -> Any:

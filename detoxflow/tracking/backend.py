@@ -46,7 +46,11 @@ TAG_BASE_MODEL = "detoxflow.base_model"
 TAG_REWARD_MODEL = "detoxflow.reward_model"
 TAG_CONFIG_NAME = "detoxflow.config_name"
 TAG_SPLIT_DIGEST = "detoxflow.split_digest"  # version tag: digest of the held-out split it was evaluated on
-METRIC_TAG_PREFIX = "metric."  # version tags "metric.eval/toxicity_mean" = "0.0123"
+METRIC_TAG_PREFIX = "metric."  # version tags "metric.eval/toxicity_mean" = "0.0123" (versions before pyfunc)
+# The experiment tag the MLflow UI reads to choose its first page: a "Machine learning" experiment opens on its
+# training runs (untagged, MLflow 3's UI may open on the GenAI traces page).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow limits (mlflow.utils.validation): params are strings of at most 6000 characters, 100 params or tags
 # and 1000 metrics per log_batch call.
@@ -126,7 +130,8 @@ _setup_lock = threading.Lock()
 
 
 def setup(cfg: Config) -> str:
-    """Point MLflow at the config's tracking URI and experiment (created if absent); returns the experiment id.
+    """Point MLflow at the config's tracking URI and experiment (created if absent, its kind tagged so the UI
+    opens on the runs); returns the experiment id.
 
     Idempotent and safe when several processes race to create the experiment, or, on a fresh SQLite store, the
     store itself: MLflow creates its tables on first use, and two processes doing that at once fail with "table ...
@@ -142,7 +147,8 @@ def setup(cfg: Config) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                exp_id = client.create_experiment(name, artifact_location=artifact_location(cfg, uri))
+                exp_id = client.create_experiment(name, artifact_location=artifact_location(cfg, uri),
+                                                  tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
             except MlflowException:
                 # another process created it between our read and our create
                 exp = client.get_experiment_by_name(name)
@@ -154,6 +160,8 @@ def setup(cfg: Config) -> str:
             if exp.lifecycle_stage == "deleted":
                 log.warning("MLflow experiment '%s' was deleted; restoring it", name)
                 client.restore_experiment(exp_id)
+            if TAG_EXPERIMENT_KIND not in exp.tags:  # an experiment created before the tag: set it once
+                client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -1,8 +1,12 @@
 """The model store: model URIs to local folders (fetch, into a content-addressed cache) and to a Policy (load).
 
-:func:`load_model` turns ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/RUN/model`` or a local
-directory into a :class:`~detoxflow.models.policy.Policy`, downloading through the tracking server into the
-model cache, so only the tracking server must be reachable.
+:func:`load_model` turns ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/RUN/model``, ``models:/<model
+id>`` or a local directory into a :class:`~detoxflow.models.policy.Policy`, downloading through the tracking
+server into the model cache, so only the tracking server must be reachable. :func:`load_generator` loads the
+same folder as the pyfunc model (:class:`~detoxflow.tracking.pyfunc.PolicyModel`, through MLflow's own loader
+when the folder is an MLflow model), which ``detoxflow generate`` calls. A folder is either an MLflow model (an
+``MLmodel`` file, the policy's parts under ``artifacts/``) or, for versions registered before the policy was an
+MLflow model, the parts themselves; both load.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ from detoxflow import paths
 from detoxflow.atomic import publish
 from detoxflow.locks import sqlite_path
 from detoxflow.tracking.backend import TrackingError, _client
+from detoxflow.tracking.pyfunc import policy_root
 
 if TYPE_CHECKING:
     from detoxflow.models.policy import Policy
+    from detoxflow.tracking.pyfunc import PolicyModel
 
 log = logging.getLogger("detoxflow.tracking")  # the name users saw before the split
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)/?$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+?)/?$")
 
 
@@ -72,18 +79,18 @@ def _download(source: str, key: str) -> Path:
     """Download ``source`` into the model cache under ``key`` (once; atomic, so concurrent loads are safe)."""
     root = model_cache_dir()
     dest = root / key
-    if (dest / "detoxflow.json").is_file():
+    if policy_root(dest) is not None:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp)))
-        if not (local / "detoxflow.json").is_file():
-            raise TrackingError(f"{source} is not a detoxflow model artifact (no detoxflow.json)")
+        if policy_root(local) is None:
+            raise TrackingError(f"{source} is not a detoxflow model (no detoxflow.json in it or its artifacts/)")
         try:
             publish(local, dest, if_exists="fail")
         except OSError:
-            if not (dest / "detoxflow.json").is_file():  # not a concurrent download that won the race
+            if policy_root(dest) is None:  # not a concurrent download that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +103,8 @@ def model_cache_dir() -> Path:
 
 
 def fetch_model(uri: str, tracking_uri: str | None = None) -> Path:
-    """The local directory of a model artifact, downloading it through the tracking server when needed."""
+    """The local directory of a model (an MLflow model, or an artifact folder logged before the policy was one),
+    downloading it through the tracking server when needed."""
     path = Path(uri)
     if path.is_dir():
         return path
@@ -111,10 +119,13 @@ def fetch_model(uri: str, tracking_uri: str | None = None) -> Path:
                                 "first, or set MLFLOW_TRACKING_URI to the store that holds the registry")
         mlflow.set_tracking_uri(default)
     store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:12]
+    logged = _LOGGED_MODEL_URI.match(uri)
+    if logged:
+        return _download(uri, f"{store}/logged/{logged['id']}")
     if uri.startswith("models:/"):
         name, version, source = resolve_model_uri(uri)
         local = _local_path(source)
-        if local is not None and (local / "detoxflow.json").is_file():
+        if local is not None and policy_root(local) is not None:
             return local  # a local store: read in place, no copy of the base weights
         return _download(source, f"{store}/{name}/v{version}")
     if uri.startswith("runs:/"):
@@ -125,8 +136,8 @@ def fetch_model(uri: str, tracking_uri: str | None = None) -> Path:
     if "://" in uri or uri.startswith("mlflow-artifacts:"):
         return _download(uri, f"{store}/uri/{hashlib.sha256(uri.encode()).hexdigest()[:16]}")
     raise TrackingError(
-        f"model '{uri}' not found: pass models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model or an "
-        "existing model artifact directory"
+        f"model '{uri}' not found: pass models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/model, "
+        "models:/<model id> or an existing model directory"
     )
 
 
@@ -137,5 +148,28 @@ def load_model(uri: str, *, tracking_uri: str | None = None, device: str = "auto
     from detoxflow.models.policy import Policy
 
     local = fetch_model(uri, tracking_uri)
-    log.info("loading model %s from %s", uri, local)
-    return Policy.from_artifact(local, device=device)
+    root = policy_root(local)
+    if root is None:
+        raise TrackingError(f"model '{uri}': {local} holds no detoxflow policy (no detoxflow.json in it or in its "
+                            "artifacts/); pass a model that detoxflow logged")
+    log.info("loading model %s from %s", uri, root)
+    return Policy.from_artifact(root, device=device)
+
+
+def load_generator(uri: str, *, tracking_uri: str | None = None) -> PolicyModel:
+    """The pyfunc model of ``uri`` (any URI :func:`load_model` takes): an MLflow model folder loads through
+    ``mlflow.pyfunc.load_model`` (the path ``mlflow models serve`` takes), a folder logged before the policy was
+    an MLflow model through the same wrapper class."""
+    from detoxflow.tracking.pyfunc import PolicyModel
+
+    local = fetch_model(uri, tracking_uri)
+    if (local / "MLmodel").is_file():
+        loaded = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
+        if not isinstance(loaded, PolicyModel):
+            raise TrackingError(f"model '{uri}' is an MLflow model but not a detoxflow policy "
+                                f"({type(loaded).__name__}); pass a model that detoxflow logged")
+        return loaded
+    root = policy_root(local)
+    if root is None:
+        raise TrackingError(f"model '{uri}': {local} holds no detoxflow policy; pass a model that detoxflow logged")
+    return PolicyModel.from_folder(root)
