@@ -325,13 +325,21 @@ def start_postgres(tmpdir: Path | None = None, *, port: int | None = None) -> It
 FINAL_FLOW_RUN_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
+# api URL -> Prefect auth string of the stacks `team_stack` started (their API refuses anonymous calls)
+PREFECT_AUTH: dict[str, str] = {}
+
+
 def prefect_api(api_url: str, method: str, path: str, body: dict | None = None) -> dict | list:
-    """One call of the Prefect server's REST API (no client settings involved: the test names the server)."""
+    """One call of the Prefect server's REST API (no client settings involved: the test names the server).
+
+    Sends the credentials and CSRF token of a stack started by :func:`team_stack`, if `api_url` is one's."""
     import json
+
+    from detoxflow.team.auth import prefect_headers
 
     req = urllib.request.Request(f"{api_url}/{path}", method=method,
                                  data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers=prefect_headers(api_url, method, PREFECT_AUTH.get(api_url)))
     with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 (test-only, 127.0.0.1)
         return json.loads(resp.read())
 
@@ -380,9 +388,11 @@ def team_stack(prefix: str, env: Callable[[Path], dict[str, str]] = lambda root:
                    extra_env={"PREFECT_LOGGING_LEVEL": "INFO", **env(root)}, **options)
     t0 = time.monotonic()
     st.start()
+    PREFECT_AUTH[st.prefect_api_url] = st.prefect_auth_string
     print(f"\nteam stack up in {time.monotonic() - t0:.1f} s: {st.timings}")
     try:
         yield st
     finally:
+        PREFECT_AUTH.pop(st.prefect_api_url, None)
         st.stop()
         shutil.rmtree(root, ignore_errors=True)

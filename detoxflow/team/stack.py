@@ -3,6 +3,12 @@ on 127.0.0.1 (the services of docker-compose.yml), started and stopped in the ri
 
 :class:`TeamStack` is the one implementation; `detoxflow serve team` (:func:`serve_team`) and the integration
 tests both use it, so what the tests prove is what a user runs.
+
+Security (docs/team.md, "Security"): the secrets live in ``<root>/secrets.env`` (mode 0600, generated on the
+first start, :mod:`detoxflow.team.secrets`); what a team member exports is ``<root>/client.env`` (mode 0600).
+Prefect and MLflow require credentials (:mod:`detoxflow.team.auth`); each server reaches PostgreSQL as a role
+that owns only its database, the gate's lock as a role that can only connect. No password is ever in a
+process's argv: servers and one-shot commands get them in their environment or a mode-0600 file.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -21,7 +28,8 @@ from types import FrameType, TracebackType
 
 from detoxflow.net import http_get
 from detoxflow.paths import PROJECT_ROOT
-from detoxflow.team.postgres import DATABASES, DB_USER, PostgresServer
+from detoxflow.team import auth
+from detoxflow.team.postgres import DB_USER, ROLES, PostgresServer
 from detoxflow.team.prefect_admin import DEFAULT_POOLS, ensure_pools, prefect_api
 from detoxflow.team.processes import (
     ManagedProcess,
@@ -32,6 +40,7 @@ from detoxflow.team.processes import (
     run_command,
     wait_until,
 )
+from detoxflow.team.secrets import CLIENT_FILE, SECRETS_PATH_ENV, load_or_create, write_env_file
 
 log = logging.getLogger("detoxflow.team")  # one logger name for the whole team stack
 
@@ -68,7 +77,8 @@ class TeamStack:
     (workers, Prefect, MLflow, then PostgreSQL). State (database, artifacts, logs) stays in `root`, so a
     second stack on the same root finds every run, model version and flow run again.
 
-    `env` is what a client needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, DETOXFLOW_LOCK_DB_URI."""
+    `env` is what a client needs: the URLs, the Prefect and MLflow (detoxflow-worker) credentials and
+    DETOXFLOW_LOCK_DB_URI; `start` writes it to ``<root>/client.env``."""
 
     def __init__(
         self,
@@ -95,9 +105,11 @@ class TeamStack:
         self.worker_query_seconds = worker_query_seconds
         self.logs = self.root / "logs"
         self.artifacts = self.root / "artifacts"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.secrets = load_or_create(self.root, legacy_admin_password=self.root / "postgres.password")
         self.postgres = PostgresServer(
             data_dir=self.root / "postgres", host=host, port=self.ports.postgres,
-            log_path=self.logs / "postgres.log", password_file=self.root / "postgres.password", fsync=fsync,
+            log_path=self.logs / "postgres.log", password=self.secrets["DETOXFLOW_PG_ADMIN_PASSWORD"], fsync=fsync,
         )
         self.mlflow: ManagedProcess | None = None
         self.prefect: ManagedProcess | None = None
@@ -115,13 +127,32 @@ class TeamStack:
         return f"http://{self.host}:{self.ports.prefect}/api"
 
     @property
+    def secrets_file(self) -> Path:
+        return self.root / "secrets.env"
+
+    @property
+    def client_file(self) -> Path:
+        return self.root / CLIENT_FILE
+
+    @property
+    def prefect_auth_string(self) -> str:
+        return auth.prefect_auth_string(self.secrets["DETOXFLOW_PREFECT_PASSWORD"])
+
+    def role_url(self, role: str, database: str, driver: str = "psycopg2") -> str:
+        return self.postgres.url(database, driver, role, self.secrets[ROLES[role]])
+
+    @property
     def env(self) -> dict[str, str]:
-        """What a client (a shell, a worker, a test) exports to use this stack."""
+        """What a client (a shell, a worker, a test) exports to use this stack (secrets included)."""
         return {
             "PREFECT_API_URL": self.prefect_api_url,
+            **auth.prefect_client_env(self.prefect_auth_string),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
-            # The gate's pg_advisory_lock (detoxflow/locks.py) lives in the MLflow database.
-            "DETOXFLOW_LOCK_DB_URI": self.postgres.url("mlflow"),
+            "MLFLOW_TRACKING_USERNAME": auth.MLFLOW_WORKER_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets[auth.MLFLOW_USERS[auth.MLFLOW_WORKER_USER]],
+            # The gate's pg_advisory_lock (detoxflow/locks.py) lives in the MLflow database; its role may only connect.
+            "DETOXFLOW_LOCK_DB_URI": self.role_url("detoxflow_lock", "mlflow"),
+            SECRETS_PATH_ENV: str(self.secrets_file),
         }
 
     def _base_env(self) -> dict[str, str]:
@@ -139,7 +170,7 @@ class TeamStack:
     # -- services -------------------------------------------------------------------------------------------
     def start_postgres(self) -> None:
         self.timings["postgres"] = self.postgres.start()
-        self._new_databases = {db for db in DATABASES if self.postgres.ensure_database(db)}
+        self._new_databases = self.postgres.ensure_roles(self.secrets)
 
     def _mlflow_schema_current(self) -> bool:
         """Whether `mlflow db upgrade` can be skipped: the database is new (the server creates the schema) or
@@ -155,18 +186,31 @@ class TeamStack:
         if port_in_use(self.host, self.ports.mlflow):
             raise TeamError(f"MLflow: port {self.ports.mlflow} on {self.host} is taken: stop what listens there "
                             "or set DETOXFLOW_MLFLOW_PORT")
-        url = self.postgres.url("mlflow", "psycopg2")
-        env = {**self._base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        auth_ini, auth_db = self.root / "mlflow-auth.ini", self.root / "mlflow-auth.db"
+        os.close(os.open(auth_db, os.O_WRONLY | os.O_CREAT, 0o600))  # password hashes: SQLite keeps the mode
+        auth_db.chmod(0o600)
+        auth.write_mlflow_auth_config(auth_ini, f"sqlite:///{auth_db}")
+        env = {
+            **self._base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # `mlflow server` reads its store from here, so the password is in no argv
+            "MLFLOW_BACKEND_STORE_URI": self.role_url("detoxflow_mlflow", "mlflow"),
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        }
         if not self._mlflow_schema_current():
-            # Migrates an existing database to the installed MLflow; the server refuses an outdated schema.
-            run_command([console_script("mlflow"), "db", "upgrade", url], "mlflow db upgrade", env=env)
+            # Migrates an existing database to the installed MLflow (the server refuses an outdated schema);
+            # `mlflow db upgrade` takes the URL as an argument, so its function is called with the URL from env.
+            run_command([sys.executable, "-c", "import os, mlflow.db as d; "
+                         "d.upgrade.callback(os.environ['MLFLOW_BACKEND_STORE_URI'])"], "mlflow db upgrade", env=env)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         hosts = f"{self.host},{self.host}:{self.ports.mlflow},localhost,localhost:{self.ports.mlflow}"
+        origins = f"{self.mlflow_url},http://localhost:{self.ports.mlflow}"
         self.mlflow = ManagedProcess(
             "mlflow",
-            [console_script("mlflow"), "server", "--backend-store-uri", url, "--serve-artifacts",
+            [console_script("mlflow"), "server", "--app-name", "basic-auth", "--serve-artifacts",
              "--artifacts-destination", self.artifacts.as_uri(), "--host", self.host, "--port", str(self.ports.mlflow),
-             "--workers", "1", "--allowed-hosts", hosts],
+             "--workers", "1", "--allowed-hosts", hosts, "--cors-allowed-origins", origins],
             env, self.root, self.logs / "mlflow.log",
         )
         self.mlflow.start()
@@ -176,6 +220,8 @@ class TeamStack:
 
         assert self.mlflow is not None
         wait_until(lambda: http_get(f"{self.mlflow_url}/health")[0] == 200, "MLflow server", START_TIMEOUT_S, self.mlflow)
+        auth.ensure_mlflow_users(self.mlflow_url, self.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+                                 {user: self.secrets[name] for user, name in auth.MLFLOW_USERS.items()})
         (self.root / "mlflow-schema.version").write_text(importlib.metadata.version("mlflow") + "\n")
 
     def _spawn_prefect(self) -> None:
@@ -184,8 +230,9 @@ class TeamStack:
                             "or set DETOXFLOW_PREFECT_PORT")
         env = {
             **self._base_env(),
-            "PREFECT_API_DATABASE_CONNECTION_URL": self.postgres.url("prefect", "asyncpg"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.role_url("detoxflow_prefect", "prefect", "asyncpg"),
             "PREFECT_UI_API_URL": self.prefect_api_url,
+            **auth.prefect_server_env(self.prefect_auth_string, self.prefect_api_url.removesuffix("/api")),
         }
         self.prefect = ManagedProcess(
             "prefect-server",
@@ -232,7 +279,7 @@ class TeamStack:
 
     def start_workers(self) -> None:
         t0 = time.monotonic()
-        ensure_pools(self.prefect_api_url, self.pools)
+        ensure_pools(self.prefect_api_url, self.pools, auth_string=self.prefect_auth_string)
         for pool in self.pools:
             proc = ManagedProcess(
                 f"worker-{pool}",
@@ -250,7 +297,8 @@ class TeamStack:
         self.timings["workers"] = time.monotonic() - t0
 
     def pool_has_online_worker(self, pool: str, since: datetime | None = None) -> bool:
-        status, body = prefect_api(self.prefect_api_url, "POST", f"work_pools/{pool}/workers/filter", {})
+        status, body = prefect_api(self.prefect_api_url, "POST", f"work_pools/{pool}/workers/filter", {},
+                                   auth_string=self.prefect_auth_string)
         if status != 200 or not isinstance(body, list):
             return False
         for w in body:
@@ -285,10 +333,12 @@ class TeamStack:
         try:
             self.start_postgres()
             self.start_servers()
+            write_env_file(self.client_file, self.env, "detoxflow team stack: `source` this file to use the stack "
+                           "(mode 0600: it holds credentials)")
             if self.with_workers:
                 self.start_workers()
             else:
-                ensure_pools(self.prefect_api_url, self.pools)
+                ensure_pools(self.prefect_api_url, self.pools, auth_string=self.prefect_auth_string)
         except BaseException:
             try:
                 self.stop()
@@ -330,10 +380,6 @@ class TeamStack:
         self.stop()
 
 
-def _exports(env: Mapping[str, str]) -> str:
-    return "\n".join(f"export {k}='{v}'" for k, v in env.items())
-
-
 def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
     """`detoxflow serve team`: start the stack under `root`, print URLs and exports, run until Ctrl-C."""
     from rich.console import Console
@@ -352,11 +398,11 @@ def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
             console.print(f"[bold green]team stack up[/] in {stack.timings['total']:.0f} s (state in {stack.root})")
             console.print(f"  Prefect UI/API  {stack.prefect_api_url.removesuffix('/api')}")
             console.print(f"  MLflow          {stack.mlflow_url}")
-            console.print(f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (user {DB_USER}, password in "
-                          f"{stack.postgres.password_file})")
+            console.print(f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (administrator {DB_USER})")
             console.print(f"  workers         pools {', '.join(stack.pools)}; logs in {stack.logs}")
-            console.print("In another shell:")
-            console.print(_exports(stack.env), markup=False, highlight=False)
+            console.print(f"  secrets         {stack.secrets_file} (mode 0600; UI logins: docs/team.md, Security)")
+            console.print("In another shell:", markup=False, highlight=False)
+            console.print(f"  . {stack.client_file}", markup=False, highlight=False, soft_wrap=True)
             console.print("  detoxflow deploy   # pools + deployments of prefect.yaml;  detoxflow doctor   # check")
             console.print("Ctrl-C stops everything.")
             while True:

@@ -1,0 +1,118 @@
+"""Who may talk to the team stack's servers: the credentials of the Prefect API and MLflow's basic-auth app.
+
+Both servers' own mechanisms are used, nothing home-made:
+
+- Prefect: one basic-auth credential (``PREFECT_SERVER_API_AUTH_STRING`` on the server, ``PREFECT_API_AUTH_STRING``
+  on every client and worker), CSRF protection on, CORS limited to the UI's own origin (:func:`prefect_server_env`).
+  :func:`prefect_headers` is what a plain REST call (the stack's administration, `detoxflow doctor`) sends.
+- MLflow: ``mlflow server --app-name basic-auth`` with an ini file (:func:`write_mlflow_auth_config`): every
+  request needs a user; ``default_permission = READ``; the admin comes from ``MLFLOW_AUTH_ADMIN_PASSWORD`` and
+  creates two users (:func:`ensure_mlflow_users`): ``detoxflow-worker`` (workers and deployers: creates and
+  writes experiments, runs, model versions and aliases) and ``detoxflow-reader`` (reads only: `detoxflow generate`).
+  MLflow grants "set an alias" and "create a model version" with the same permission (EDIT on the registered
+  model), so it cannot limit aliases to the gate alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from detoxflow.net import JSON_HEADERS, request
+from detoxflow.team.processes import TeamError
+
+PREFECT_USER = "detoxflow"
+MLFLOW_ADMIN_USER = "admin"
+MLFLOW_WORKER_USER = "detoxflow-worker"
+MLFLOW_READER_USER = "detoxflow-reader"
+# user -> the secret (detoxflow.team.secrets) holding its password
+MLFLOW_USERS: dict[str, str] = {
+    MLFLOW_WORKER_USER: "DETOXFLOW_MLFLOW_WORKER_PASSWORD",
+    MLFLOW_READER_USER: "DETOXFLOW_MLFLOW_READER_PASSWORD",
+}
+
+
+def basic_auth(user_and_password: str) -> dict[str, str]:
+    """The Authorization header for ``user:password``."""
+    return {"Authorization": "Basic " + base64.b64encode(user_and_password.encode()).decode()}
+
+
+def prefect_auth_string(password: str) -> str:
+    return f"{PREFECT_USER}:{password}"
+
+
+def prefect_server_env(auth_string: str, ui_origin: str) -> dict[str, str]:
+    """The Prefect server's security settings (Prefect's own names): auth, CSRF, CORS to the UI's origin."""
+    return {
+        "PREFECT_SERVER_API_AUTH_STRING": auth_string,
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ui_origin,
+    }
+
+
+def prefect_client_env(auth_string: str) -> dict[str, str]:
+    """What a Prefect client or worker needs to pass that server's checks."""
+    return {"PREFECT_API_AUTH_STRING": auth_string, "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true"}
+
+
+_CSRF_CLIENT = f"detoxflow-{uuid.uuid4()}"
+_csrf_tokens: dict[str, str] = {}
+
+
+def prefect_headers(api_url: str, method: str = "GET", auth_string: str | None = None) -> dict[str, str]:
+    """JSON headers for a REST call to the Prefect API: basic auth (`auth_string`, default
+    ``$PREFECT_API_AUTH_STRING``) and, for a POST/PUT/PATCH/DELETE to a server with CSRF protection, the CSRF
+    token of this process (fetched once per API)."""
+    auth = auth_string if auth_string is not None else os.environ.get("PREFECT_API_AUTH_STRING")
+    headers = {**JSON_HEADERS, **(basic_auth(auth) if auth else {})}
+    if method.upper() not in {"POST", "PUT", "PATCH", "DELETE"}:
+        return headers
+    api = api_url.rstrip("/")
+    if api not in _csrf_tokens:
+        r = request(f"{api}/csrf-token?client={_CSRF_CLIENT}", headers=headers, timeout=15.0)
+        # 422: the server has CSRF protection off (then no token is needed)
+        body = r.json() if r.status == 200 else None
+        _csrf_tokens[api] = body["token"] if isinstance(body, dict) and "token" in body else ""
+    if _csrf_tokens[api]:
+        headers.update({"Prefect-Csrf-Token": _csrf_tokens[api], "Prefect-Csrf-Client": _CSRF_CLIENT})
+    return headers
+
+
+def write_mlflow_auth_config(path: Path, database_uri: str) -> None:
+    """MLflow's basic-auth ini (``MLFLOW_AUTH_CONFIG_PATH``), mode 0600: users in `database_uri`, READ by
+    default, admin ``admin`` (password from ``MLFLOW_AUTH_ADMIN_PASSWORD``, never written here)."""
+    text = (
+        "# MLflow basic-auth app of the detoxflow team stack (written by detoxflow serve team)\n"
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {database_uri}\n"
+        f"admin_username = {MLFLOW_ADMIN_USER}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def ensure_mlflow_users(url: str, admin_password: str, passwords: Mapping[str, str]) -> None:
+    """Create each user of `passwords` (user -> password), or set its password when it exists (rotation)."""
+    admin = {**JSON_HEADERS, **basic_auth(f"{MLFLOW_ADMIN_USER}:{admin_password}")}
+    base = url.rstrip("/") + "/api/2.0/mlflow/users"
+    for user, password in passwords.items():
+        body = {"username": user, "password": password}
+        r = request(f"{base}/create", "POST", body, admin, timeout=15.0)
+        if r.status == 200:
+            continue
+        if r.status == 400 and "RESOURCE_ALREADY_EXISTS" in r.text:
+            r = request(f"{base}/update-password", "PATCH", body, admin, timeout=15.0)
+            if r.status == 200:
+                continue
+        if r.status == 401:
+            raise TeamError(f"MLflow at {url} refused the admin password: it was created with another "
+                            "MLFLOW_AUTH_ADMIN_PASSWORD; docs/team.md, 'Rotating secrets'")
+        raise TeamError(f"MLflow at {url}: creating user {user} answered HTTP {r.status}: {r.text[:200]}")
