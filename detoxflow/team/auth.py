@@ -11,12 +11,18 @@ Both servers' own mechanisms are used, nothing home-made:
   writes experiments, runs, model versions and aliases) and ``detoxflow-reader`` (reads only: `detoxflow generate`).
   MLflow grants "set an alias" and "create a model version" with the same permission (EDIT on the registered
   model), so it cannot limit aliases to the gate alone.
+
+``python -m detoxflow.team.auth`` creates (or re-passwords) those users from the environment
+(``MLFLOW_TRACKING_URI``, ``MLFLOW_AUTH_ADMIN_PASSWORD`` and the two ``DETOXFLOW_MLFLOW_*_PASSWORD``): compose's
+``mlflow-users`` job, and the native systemd unit after the server is up.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import sys
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,3 +122,28 @@ def ensure_mlflow_users(url: str, admin_password: str, passwords: Mapping[str, s
             raise TeamError(f"MLflow at {url} refused the admin password: it was created with another "
                             "MLFLOW_AUTH_ADMIN_PASSWORD; docs/team.md, 'Rotating secrets'")
         raise TeamError(f"MLflow at {url}: creating user {user} answered HTTP {r.status}: {r.text[:200]}")
+
+
+def main() -> int:
+    """Wait for MLflow's /health (up to 120 s), then ensure its users; one error line and exit 2 on failure."""
+    from detoxflow.team.secrets import validate
+
+    try:
+        validate(os.environ, ["MLFLOW_AUTH_ADMIN_PASSWORD", *MLFLOW_USERS.values()], "the environment")
+        url = os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
+        deadline = time.monotonic() + 120
+        while request(f"{url.rstrip('/')}/health").status != 200:
+            if time.monotonic() > deadline:
+                raise TeamError(f"MLflow at {url} did not answer /health in 120 s: start it or fix MLFLOW_TRACKING_URI")
+            time.sleep(1)
+        ensure_mlflow_users(url, os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"],
+                            {user: os.environ[name] for user, name in MLFLOW_USERS.items()})
+    except TeamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"MLflow users {', '.join(MLFLOW_USERS)} ready at {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
