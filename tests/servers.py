@@ -384,6 +384,7 @@ def team_stack(prefix: str, env: Callable[[Path], dict[str, str]] = lambda root:
     # Not pytest's tmp_path: its root is mode 0700, and as root PostgreSQL runs as the 'postgres' user.
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
+    options.setdefault("worker_user", None)  # workers as the test's user (root here); test_security checks another
     st = TeamStack(root, ports=TeamPorts.free(), ui=False, fsync=False, worker_query_seconds=1,
                    extra_env={"PREFECT_LOGGING_LEVEL": "INFO", **env(root)}, **options)
     t0 = time.monotonic()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
+import shutil
 import signal
 import socket
 import sys
@@ -40,9 +42,10 @@ from detoxflow.team.processes import (
     run_command,
     wait_until,
 )
-from detoxflow.team.secrets import CLIENT_FILE, SECRETS_PATH_ENV, load_or_create, write_env_file
+from detoxflow.team.secrets import CLIENT_FILE, SECRETS_FILE, SECRETS_PATH_ENV, load_or_create, write_env_file
 
 log = logging.getLogger("detoxflow.team")  # one logger name for the whole team stack
+WORKER_USER_ENV = "DETOXFLOW_WORKER_USER"
 
 # Two shared cores: importing mlflow or prefect alone can take 5-10 s there, a cold server start several times that.
 START_TIMEOUT_S = 180.0
@@ -70,6 +73,23 @@ class TeamPorts:
         return cls(postgres=free_port(host), mlflow=free_port(host), prefect=free_port(host))
 
 
+def resolve_worker_user(worker_user: str | None) -> str | None:
+    """Whom the workers run as. "auto": the caller, unless that is root; then ``$DETOXFLOW_WORKER_USER``
+    (default ``detoxflow``), which must exist: a flow run is a shell for whoever holds the Prefect credential,
+    so it must not be root's. None: the caller, even root (the test suite's stacks, which say so)."""
+    if worker_user != "auto":
+        return worker_user
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return None
+    name = os.environ.get(WORKER_USER_ENV) or "detoxflow"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise TeamError(f"the workers would run as root: create their user (useradd --system --create-home {name}) "
+                        f"or set {WORKER_USER_ENV} to an unprivileged account") from None
+    return name
+
+
 class TeamStack:
     """PostgreSQL + MLflow server + Prefect server + one worker per pool, under `root`.
 
@@ -93,6 +113,7 @@ class TeamStack:
         project_root: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
         worker_query_seconds: float | None = None,
+        worker_user: str | None = "auto",
     ) -> None:
         self.root = Path(root).resolve()
         self.host = host
@@ -103,6 +124,7 @@ class TeamStack:
         self.project_root = project_root or PROJECT_ROOT
         self.extra_env = dict(extra_env or {})
         self.worker_query_seconds = worker_query_seconds
+        self.worker_user = resolve_worker_user(worker_user) if self.with_workers else None
         self.logs = self.root / "logs"
         self.artifacts = self.root / "artifacts"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -126,13 +148,8 @@ class TeamStack:
     def prefect_api_url(self) -> str:
         return f"http://{self.host}:{self.ports.prefect}/api"
 
-    @property
-    def secrets_file(self) -> Path:
-        return self.root / "secrets.env"
-
-    @property
-    def client_file(self) -> Path:
-        return self.root / CLIENT_FILE
+    secrets_file = property(lambda self: self.root / SECRETS_FILE)
+    client_file = property(lambda self: self.root / CLIENT_FILE)
 
     @property
     def prefect_auth_string(self) -> str:
@@ -277,6 +294,15 @@ class TeamStack:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(self.worker_query_seconds)
         return env
 
+    def _worker_home(self, pool: str) -> dict[str, str]:
+        """A worker running as `worker_user` gets its own HOME and PREFECT_HOME, owned by that user."""
+        if self.worker_user is None:
+            return {}
+        home = self.root / f"worker-home-{pool}"
+        home.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(home, self.worker_user, pwd.getpwnam(self.worker_user).pw_gid)
+        return {"HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "USER": self.worker_user}
+
     def start_workers(self) -> None:
         t0 = time.monotonic()
         ensure_pools(self.prefect_api_url, self.pools, auth_string=self.prefect_auth_string)
@@ -285,7 +311,8 @@ class TeamStack:
                 f"worker-{pool}",
                 [console_script("prefect"), "worker", "start", "--pool", pool, "--type", "process",
                  "--name", f"{pool}-{socket.gethostname()}-{self.ports.prefect}", "--install-policy", "never"],
-                {**self.worker_env(), "DETOXFLOW_POOL": pool}, self.project_root, self.logs / f"worker-{pool}.log",
+                {**self.worker_env(), "DETOXFLOW_POOL": pool, **self._worker_home(pool)}, self.project_root,
+                self.logs / f"worker-{pool}.log", user=self.worker_user,
             )
             proc.start()
             self.workers[pool] = proc
