@@ -65,7 +65,8 @@ def prefect_client_env(auth_string: str) -> dict[str, str]:
 
 
 _CSRF_CLIENT = f"detoxflow-{uuid.uuid4()}"
-_csrf_tokens: dict[str, str] = {}
+_csrf_tokens: dict[str, tuple[float, str]] = {}  # api -> (fetched at, token); Prefect's tokens live 1 h
+CSRF_REFRESH_S = 600.0
 
 
 def prefect_headers(api_url: str, method: str = "GET", auth_string: str | None = None) -> dict[str, str]:
@@ -77,13 +78,15 @@ def prefect_headers(api_url: str, method: str = "GET", auth_string: str | None =
     if method.upper() not in {"POST", "PUT", "PATCH", "DELETE"}:
         return headers
     api = api_url.rstrip("/")
-    if api not in _csrf_tokens:
+    fetched, token = _csrf_tokens.get(api, (0.0, ""))
+    if not token or time.monotonic() - fetched > CSRF_REFRESH_S:
         r = request(f"{api}/csrf-token?client={_CSRF_CLIENT}", headers=headers, timeout=15.0)
         # 422: the server has CSRF protection off (then no token is needed)
         body = r.json() if r.status == 200 else None
-        _csrf_tokens[api] = body["token"] if isinstance(body, dict) and "token" in body else ""
-    if _csrf_tokens[api]:
-        headers.update({"Prefect-Csrf-Token": _csrf_tokens[api], "Prefect-Csrf-Client": _CSRF_CLIENT})
+        token = body["token"] if isinstance(body, dict) and "token" in body else ""
+        _csrf_tokens[api] = (time.monotonic(), token)
+    if token:
+        headers.update({"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": _CSRF_CLIENT})
     return headers
 
 

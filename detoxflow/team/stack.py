@@ -216,10 +216,7 @@ class TeamStack:
             "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
         }
         if not self._mlflow_schema_current():
-            # Migrates an existing database to the installed MLflow (the server refuses an outdated schema);
-            # `mlflow db upgrade` takes the URL as an argument, so its function is called with the URL from env.
-            run_command([sys.executable, "-c", "import os, mlflow.db as d; "
-                         "d.upgrade.callback(os.environ['MLFLOW_BACKEND_STORE_URI'])"], "mlflow db upgrade", env=env)
+            self.upgrade_mlflow_schema(env)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         hosts = f"{self.host},{self.host}:{self.ports.mlflow},localhost,localhost:{self.ports.mlflow}"
         origins = f"{self.mlflow_url},http://localhost:{self.ports.mlflow}"
@@ -231,6 +228,12 @@ class TeamStack:
             env, self.root, self.logs / "mlflow.log",
         )
         self.mlflow.start()
+
+    def upgrade_mlflow_schema(self, env: Mapping[str, str]) -> None:
+        """`mlflow db upgrade` (the server refuses an outdated schema). It takes the URL as an argument, so its
+        function is called with the URL from `env` instead: the password stays out of argv."""
+        run_command([sys.executable, "-c", "import os, mlflow.db as d; "
+                     "d.upgrade.callback(os.environ['MLFLOW_BACKEND_STORE_URI'])"], "mlflow db upgrade", env=env)
 
     def _wait_mlflow(self) -> None:
         import importlib.metadata
