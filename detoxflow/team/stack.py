@@ -4,11 +4,9 @@ on 127.0.0.1 (the services of docker-compose.yml), started and stopped in the ri
 :class:`TeamStack` is the one implementation; `detoxflow serve team` (:func:`serve_team`) and the integration
 tests both use it, so what the tests prove is what a user runs.
 
-Security (docs/team.md, "Security"): the secrets live in ``<root>/secrets.env`` (mode 0600, generated on the
-first start, :mod:`detoxflow.team.secrets`); what a team member exports is ``<root>/client.env`` (mode 0600).
-Prefect and MLflow require credentials (:mod:`detoxflow.team.auth`); each server reaches PostgreSQL as a role
-that owns only its database, the gate's lock as a role that can only connect. No password is ever in a
-process's argv: servers and one-shot commands get them in their environment or a mode-0600 file.
+Security (docs/team.md): secrets in ``<root>/secrets.env``, a client's exports in ``<root>/client.env`` (both
+mode 0600, :mod:`detoxflow.team.secrets`); Prefect and MLflow require credentials (:mod:`detoxflow.team.auth`);
+PostgreSQL roles own one database each; no password is ever in argv (environment or mode-0600 files only).
 """
 
 from __future__ import annotations
@@ -151,11 +149,9 @@ class TeamStack:
     secrets_file = property(lambda self: self.root / SECRETS_FILE)
     client_file = property(lambda self: self.root / CLIENT_FILE)
 
-    @property
-    def prefect_auth_string(self) -> str:
-        return auth.prefect_auth_string(self.secrets["DETOXFLOW_PREFECT_PASSWORD"])
+    prefect_auth_string = property(lambda self: auth.prefect_auth_string(self.secrets["DETOXFLOW_PREFECT_PASSWORD"]))
 
-    def role_url(self, role: str, database: str, driver: str = "psycopg2") -> str:
+    def role_url(self, role: str, database: str, driver: str = "psycopg2") -> str:  # holds a password: env only
         return self.postgres.url(database, driver, role, self.secrets[ROLES[role]])
 
     @property
@@ -410,6 +406,18 @@ class TeamStack:
         self.stop()
 
 
+def banner(stack: TeamStack) -> list[str]:
+    """What `serve team` prints once up: addresses and where the env files are, never a secret."""
+    return [f"team stack up in {stack.timings['total']:.0f} s (state in {stack.root})",
+            f"  Prefect UI/API  {stack.prefect_api_url.removesuffix('/api')}", f"  MLflow          {stack.mlflow_url}",
+            f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (administrator {DB_USER})",
+            f"  workers         pools {', '.join(stack.pools)}; logs in {stack.logs}",
+            f"  secrets         {stack.secrets_file} (mode 0600; UI logins: docs/team.md, Security)",
+            "In another shell:", f"  . {stack.client_file}",
+            "  detoxflow deploy   # pools + deployments of prefect.yaml;  detoxflow doctor   # check",
+            "Ctrl-C stops everything."]
+
+
 def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
     """`detoxflow serve team`: start the stack under `root`, print URLs and exports, run until Ctrl-C."""
     from rich.console import Console
@@ -425,16 +433,8 @@ def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
         with console.status("starting PostgreSQL, MLflow, Prefect and the workers (first start ~1 min)..."):
             stack.start()
         try:
-            console.print(f"[bold green]team stack up[/] in {stack.timings['total']:.0f} s (state in {stack.root})")
-            console.print(f"  Prefect UI/API  {stack.prefect_api_url.removesuffix('/api')}")
-            console.print(f"  MLflow          {stack.mlflow_url}")
-            console.print(f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (administrator {DB_USER})")
-            console.print(f"  workers         pools {', '.join(stack.pools)}; logs in {stack.logs}")
-            console.print(f"  secrets         {stack.secrets_file} (mode 0600; UI logins: docs/team.md, Security)")
-            console.print("In another shell:", markup=False, highlight=False)
-            console.print(f"  . {stack.client_file}", markup=False, highlight=False, soft_wrap=True)
-            console.print("  detoxflow deploy   # pools + deployments of prefect.yaml;  detoxflow doctor   # check")
-            console.print("Ctrl-C stops everything.")
+            for line in banner(stack):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
             while True:
                 dead = stack.dead()
                 if dead:
