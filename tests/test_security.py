@@ -461,8 +461,9 @@ def test_workers_of_a_root_stack_need_a_dedicated_user(monkeypatch: pytest.Monke
         resolve_worker_user("auto")
     monkeypatch.setenv("DETOXFLOW_WORKER_USER", "nobody")
     assert resolve_worker_user("auto") == "nobody"
-    out = tmp_path / "id"
-    tmp_path.chmod(0o777)
+    shared = Path(tempfile.mkdtemp(prefix="dfsec-id-"))  # pytest's tmp_path is inside a mode-0700 folder
+    shared.chmod(0o777)
+    out = shared / "id"
     p = ManagedProcess("id", ["/bin/sh", "-c", f"id -u > {out}; id -G >> {out}"], {"PATH": "/usr/bin:/bin"},
                        Path("/"), tmp_path / "id.log", user="nobody")
     p.start()
@@ -472,4 +473,5 @@ def test_workers_of_a_root_stack_need_a_dedicated_user(monkeypatch: pytest.Monke
 
     nobody = pwd.getpwnam("nobody")
     uid, *groups = out.read_text().split()
+    shutil.rmtree(shared, ignore_errors=True)
     assert int(uid) == nobody.pw_uid and [int(g) for g in groups] == [nobody.pw_gid]

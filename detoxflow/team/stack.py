@@ -122,7 +122,7 @@ class TeamStack:
         self.project_root = project_root or PROJECT_ROOT
         self.extra_env = dict(extra_env or {})
         self.worker_query_seconds = worker_query_seconds
-        self.worker_user = resolve_worker_user(worker_user) if self.with_workers else None
+        self.worker_user = worker_user  # resolved when the workers start
         self.logs = self.root / "logs"
         self.artifacts = self.root / "artifacts"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -304,6 +304,7 @@ class TeamStack:
 
     def start_workers(self) -> None:
         t0 = time.monotonic()
+        self.worker_user = resolve_worker_user(self.worker_user)
         ensure_pools(self.prefect_api_url, self.pools, auth_string=self.prefect_auth_string)
         for pool in self.pools:
             proc = ManagedProcess(
