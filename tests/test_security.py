@@ -339,8 +339,8 @@ def test_postgres_roles_are_least_privileged(stack: TeamStack) -> None:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(42), pg_advisory_unlock(42)")
             assert cur.fetchone() == (True, True)
-            for sql in ("SELECT count(*) FROM registered_model_aliases", "CREATE TABLE t (x int)",
-                        "UPDATE registered_model_aliases SET version = 1"):
+            for sql in ("SELECT count(*) FROM public.registered_model_aliases", "CREATE TABLE public.t (x int)",
+                        "UPDATE public.registered_model_aliases SET version = 1"):
                 with pytest.raises(psycopg2.errors.InsufficientPrivilege):
                     cur.execute(sql)
             cur.execute("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname LIKE 'detoxflow\\_%'")
