@@ -7,9 +7,8 @@ runs), one stack for the whole module.
 - MLflow users get what their role needs and no more; PostgreSQL roles likewise;
 - a real flow run's task runs, logs and events still reach the server with auth on;
 - no process the stack spawns, from start to stop, has a secret in its argv, and no log holds one;
-- placeholder, short and world-readable secrets are refused, naming the variable.
-
-The headless-browser check of both UIs is in tests/test_security_ui.py.
+- placeholder, short and world-readable secrets are refused, naming the variable;
+- both UIs still load and show data in headless Chromium for an authenticated user, and only for one.
 """
 
 from __future__ import annotations
@@ -475,3 +474,41 @@ def test_workers_of_a_root_stack_need_a_dedicated_user(monkeypatch: pytest.Monke
     uid, *groups = out.read_text().split()
     shutil.rmtree(shared, ignore_errors=True)
     assert int(uid) == nobody.pw_uid and [int(g) for g in groups] == [nobody.pw_gid]
+
+
+# ---------------------------------------------------------------------------------------------- UIs
+
+
+@needs_postgres
+@pytest.mark.integration
+@pytest.mark.skipif(servers.chromium_binary() is None, reason="chromium not installed (apt-get install chromium)")
+def test_both_uis_load_and_show_data_only_for_an_authenticated_user(stack: TeamStack) -> None:
+    """Headless Chromium: the Prefect UI with its login (the credential in localStorage, as its login form
+    stores it) lists a flow; the MLflow UI with the reader's basic auth lists an experiment. Without
+    credentials neither shows them."""
+    import base64
+
+    flow_name = f"ui-visible-{uuid.uuid4().hex[:8]}"
+    authed(stack, "POST", "flows/", {"name": flow_name})
+    worker = (stack.env["MLFLOW_TRACKING_USERNAME"], stack.env["MLFLOW_TRACKING_PASSWORD"])
+    exp_name = f"ui-visible-{uuid.uuid4().hex[:8]}"
+    assert mlflow(stack, "POST", "api/2.0/mlflow/experiments/create", {"name": exp_name}, *worker)[0] == 200
+    prefect_ui = stack.prefect_api_url.removesuffix("/api")
+
+    with servers.headless_chromium() as page:
+        page.goto(f"{prefect_ui}/flows")
+        time.sleep(3)
+        assert flow_name not in page.text()
+        page.goto(stack.mlflow_url)
+        assert exp_name not in page.text()
+
+        token = base64.b64encode(stack.prefect_auth_string.encode()).decode()
+        page.goto(f"{prefect_ui}/flows")
+        page.eval(f"localStorage.setItem('prefect-password', '{token}')")
+        page.goto(f"{prefect_ui}/flows")
+        servers.wait_until(lambda: flow_name in page.text(), timeout=90, what="the flow in the Prefect UI")
+
+        reader = f"{MLFLOW_READER_USER}:{stack.secrets['DETOXFLOW_MLFLOW_READER_PASSWORD']}"
+        page.send("Network.setExtraHTTPHeaders", {"headers": basic_auth(reader)})
+        page.goto(f"{stack.mlflow_url}/#/experiments")
+        servers.wait_until(lambda: exp_name in page.text(), timeout=90, what="the experiment in the MLflow UI")
