@@ -231,7 +231,7 @@ def check_databases(env: Mapping[str, str]) -> list[Check]:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             out.append(Check(False, f"PostgreSQL {redact_url(url, mask_empty_password=True)}: {first}",
                              "start it (`docker compose up -d postgres` / `detoxflow serve team`), check user, "
-                             "password and that the database exists (infra/postgres/init.sql creates prefect and mlflow)"))
+                             "password and that the database exists (infra/postgres/roles.sql creates prefect and mlflow)"))
     return out
 
 
