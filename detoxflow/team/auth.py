@@ -101,6 +101,9 @@ def write_mlflow_auth_config(path: Path, database_uri: str) -> None:
         f"admin_username = {MLFLOW_ADMIN_USER}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         "grant_default_workspace_access = false\n"
+        # Without a cache every request re-hashes the password (PBKDF2): a run's many calls pay it each time.
+        # A changed password or deleted user is seen at once by this (single) server worker.
+        "auth_cache_ttl_seconds = 60\n"
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
