@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test test-fast test-floor lint mutation bootstrap clean
+.PHONY: install demo test test-fast test-floor lint mutation audit bootstrap clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,14 @@ test-floor:
 	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floor-pins.txt -e ".[dev]"
 	$(FLOOR_VENV)/bin/python -m pip check
 	$(FLOOR_VENV)/bin/python -m pytest -q
+
+# Known vulnerabilities in the installed (pinned) set: pip-audit asks PyPI's JSON API (AUDIT_SERVICE=osv: OSV).
+# --strict: a package the service does not answer for fails the audit (without it, pip-audit skips such
+# packages and still says "No known vulnerabilities found"). Non-zero on a finding or on no answer.
+AUDIT_SERVICE ?= pypi
+audit: install
+	$(PY) -m pip install -q pip-audit
+	$(VENV)/bin/pip-audit --strict --skip-editable --progress-spinner off --vulnerability-service $(AUDIT_SERVICE)
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"

@@ -61,7 +61,7 @@ def _prefect_url(env: Mapping[str, str]) -> str | None:
     return profile_url.rstrip("/") if profile_url else None
 
 
-def check_prefect_api(api: str | None) -> list[Check]:
+def check_prefect_api(api: str | None, headers: Mapping[str, str] | None = None) -> list[Check]:
     if not api:
         return [Check(False, "PREFECT_API_URL is not set (Prefect would run an ephemeral local API)",
                       "export PREFECT_API_URL=http://127.0.0.1:4200/api (printed by `detoxflow serve team`)")]
@@ -70,15 +70,15 @@ def check_prefect_api(api: str | None) -> list[Check]:
         seen = f"HTTP {status}" if status else err
         return [Check(False, f"Prefect API {api} not healthy ({seen})",
                       "start it (`detoxflow serve team` or `docker compose up -d prefect-server`) or fix PREFECT_API_URL")]
-    v_status, version, _ = _request(f"{api}/admin/version")
+    v_status, version, _ = _request(f"{api}/admin/version", headers=headers)
     server = json.loads(version) if v_status == 200 else "?"
     return [Check(True, f"Prefect API {api} healthy (server {server})")]
 
 
-def check_pools(api: str, pools: list[str]) -> list[Check]:
+def check_pools(api: str, pools: list[str], headers: Mapping[str, str] | None = None) -> list[Check]:
     out = []
     for pool in pools:
-        status, body, err = _request(f"{api}/work_pools/{pool}")
+        status, body, err = _request(f"{api}/work_pools/{pool}", headers=headers)
         if status == 404:
             out.append(Check(False, f"work pool '{pool}' does not exist",
                              f"`detoxflow deploy` creates it, or `prefect work-pool create {pool} --type process`"))
@@ -89,7 +89,7 @@ def check_pools(api: str, pools: list[str]) -> list[Check]:
         if json.loads(body).get("is_paused"):
             out.append(Check(False, f"work pool '{pool}' is paused", f"prefect work-pool resume {pool}"))
             continue
-        w_status, w_body, _ = _request(f"{api}/work_pools/{pool}/workers/filter", "POST", {})
+        w_status, w_body, _ = _request(f"{api}/work_pools/{pool}/workers/filter", "POST", {}, headers)
         workers = json.loads(w_body) if w_status == 200 else []
         online = [w["name"] for w in workers if w.get("status") == "ONLINE"]
         if online:
@@ -115,16 +115,16 @@ def _deployments_in(prefect_yaml: Path) -> list[str]:
     return names
 
 
-def check_deployments(api: str, prefect_yaml: Path | None) -> list[Check]:
+def check_deployments(api: str, prefect_yaml: Path | None, headers: Mapping[str, str] | None = None) -> list[Check]:
     if prefect_yaml is None or not prefect_yaml.is_file():
         return [Check(None, "deployments: no prefect.yaml here, not checked")]
     wanted = _deployments_in(prefect_yaml)
-    status, body, err = _request(f"{api}/deployments/filter", "POST", {"limit": 200})
+    status, body, err = _request(f"{api}/deployments/filter", "POST", {"limit": 200}, headers)
     if status != 200:
         return [Check(False, f"deployments: HTTP {status or err}", "check the Prefect server logs")]
     have = set()
     for d in json.loads(body):
-        f_status, f_body, _ = _request(f"{api}/flows/{d['flow_id']}")
+        f_status, f_body, _ = _request(f"{api}/flows/{d['flow_id']}", headers=headers)
         if f_status == 200:
             have.add(f"{json.loads(f_body)['name']}/{d['name']}")
     missing = [w for w in wanted if w not in have]
@@ -233,7 +233,7 @@ def check_databases(env: Mapping[str, str]) -> list[Check]:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             out.append(Check(False, f"PostgreSQL {redact_url(url, mask_empty_password=True)}: {first}",
                              "start it (`docker compose up -d postgres` / `detoxflow serve team`), check user, "
-                             "password and that the database exists (infra/postgres/init.sql creates prefect and mlflow)"))
+                             "password and that the database exists (infra/postgres/roles.sql creates prefect and mlflow)"))
     return out
 
 
@@ -321,7 +321,11 @@ def collect(env: Mapping[str, str] | None = None, prefect_yaml: Path | None = No
     api = _prefect_url(env)
     checks += check_prefect_api(api)
     if api and checks[-1].ok:
-        checks += check_pools(api, pools)
+        from detoxflow.team.auth import prefect_headers  # basic auth + CSRF token (team stack's security)
+
+        headers = prefect_headers(api, "POST", env.get("PREFECT_API_AUTH_STRING") or "")
+        checks[-1:] = check_prefect_api(api, headers)
+        checks += check_pools(api, pools, headers)
         if prefect_yaml is None:
             from detoxflow.team import TeamError, find_project_root
 
@@ -329,10 +333,13 @@ def collect(env: Mapping[str, str] | None = None, prefect_yaml: Path | None = No
                 prefect_yaml = find_project_root() / "prefect.yaml"
             except TeamError:
                 prefect_yaml = None
-        checks += check_deployments(api, prefect_yaml)
+        checks += check_deployments(api, prefect_yaml, headers)
     checks += check_mlflow(env)
     checks += check_databases(env)
     checks += check_bucket(env)
+    from detoxflow.team.secrets import check_secrets  # loose modes, placeholder or short secrets
+
+    checks += [Check(*c) for c in check_secrets(env)]
     return checks
 
 

@@ -325,13 +325,21 @@ def start_postgres(tmpdir: Path | None = None, *, port: int | None = None) -> It
 FINAL_FLOW_RUN_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
+# api URL -> Prefect auth string of the stacks `team_stack` started (their API refuses anonymous calls)
+PREFECT_AUTH: dict[str, str] = {}
+
+
 def prefect_api(api_url: str, method: str, path: str, body: dict | None = None) -> dict | list:
-    """One call of the Prefect server's REST API (no client settings involved: the test names the server)."""
+    """One call of the Prefect server's REST API (no client settings involved: the test names the server).
+
+    Sends the credentials and CSRF token of a stack started by :func:`team_stack`, if `api_url` is one's."""
     import json
+
+    from detoxflow.team.auth import prefect_headers
 
     req = urllib.request.Request(f"{api_url}/{path}", method=method,
                                  data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers=prefect_headers(api_url, method, PREFECT_AUTH.get(api_url)))
     with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 (test-only, 127.0.0.1)
         return json.loads(resp.read())
 
@@ -376,13 +384,87 @@ def team_stack(prefix: str, env: Callable[[Path], dict[str, str]] = lambda root:
     # Not pytest's tmp_path: its root is mode 0700, and as root PostgreSQL runs as the 'postgres' user.
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
+    options.setdefault("worker_user", None)  # workers as the test's user (root here); test_security checks another
     st = TeamStack(root, ports=TeamPorts.free(), ui=False, fsync=False, worker_query_seconds=1,
                    extra_env={"PREFECT_LOGGING_LEVEL": "INFO", **env(root)}, **options)
     t0 = time.monotonic()
     st.start()
+    PREFECT_AUTH[st.prefect_api_url] = st.prefect_auth_string
     print(f"\nteam stack up in {time.monotonic() - t0:.1f} s: {st.timings}")
     try:
         yield st
     finally:
+        PREFECT_AUTH.pop(st.prefect_api_url, None)
         st.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- headless Chromium
+
+
+class Browser:
+    """One page of a headless Chromium, driven over the DevTools protocol (CDP) with `websockets`."""
+
+    def __init__(self, ws: object) -> None:
+        self.ws = ws
+        self._id = 0
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 60.0) -> dict:
+        import json
+
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params or {}}))
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if msg.get("id") == self._id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def eval(self, expression: str) -> object:
+        res = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        return res.get("result", {}).get("value")
+
+    def goto(self, url: str) -> None:
+        self.send("Page.navigate", {"url": url})
+        wait_until(lambda: self.eval("document.readyState") == "complete", timeout=60, what=f"{url} loaded")
+
+    def text(self) -> str:
+        return str(self.eval("document.body ? document.body.innerText : ''") or "")
+
+
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@contextlib.contextmanager
+def headless_chromium() -> Iterator[Browser]:
+    """A fresh headless Chromium profile with one page; DevTools on a port Chromium picks (no port race)."""
+    from websockets.sync.client import connect
+
+    binary = chromium_binary()
+    if binary is None:
+        raise ServerError("chromium not installed (Debian: apt-get install chromium)")
+    profile = Path(tempfile.mkdtemp(prefix="dfchromium-"))
+    proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip(), timeout=60, what="Chromium DevTools")
+        port = int(port_file.read_text().split()[0])
+        import json
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10) as r:  # noqa: S310
+            page = next(t for t in json.loads(r.read()) if t["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            browser = Browser(ws)
+            browser.send("Page.enable")
+            browser.send("Network.enable")
+            yield browser
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        shutil.rmtree(profile, ignore_errors=True)

@@ -22,7 +22,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MLFLOW_S3_ACCESS_KEY", "MLFLOW_S3_SECRET_KEY")
+SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MLFLOW_S3_ACCESS_KEY", "MLFLOW_S3_SECRET_KEY",
+           "DETOXFLOW_PG_MLFLOW_PASSWORD", "DETOXFLOW_PG_PREFECT_PASSWORD", "DETOXFLOW_PG_LOCK_PASSWORD",
+           "DETOXFLOW_PREFECT_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+           "DETOXFLOW_MLFLOW_WORKER_PASSWORD", "DETOXFLOW_MLFLOW_READER_PASSWORD")
 # ${VAR}, ${VAR:-default}, ${VAR:?message}; `$${VAR}` is an escape for the container's shell, not compose.
 VAR_RE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 IN_IMAGE = "/opt/detoxflow/"  # where Dockerfile.cpu/gpu put the project (WORKDIR + COPY . .)
@@ -95,10 +98,10 @@ def test_docker_compose_config_accepts_the_file_with_env_example() -> None:
 
     resolved = json.loads(res.stdout)
     # .env.example sets COMPOSE_PROFILES=gpu, so the gpu worker is part of `docker compose up -d`.
-    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "deploy", "worker-cpu", "worker-gpu"} \
+    assert {"postgres", "minio", "minio-init", "mlflow", "mlflow-users", "prefect-server", "deploy", "worker-cpu", "worker-gpu"} \
         <= set(resolved["services"])
     mlflow_env = resolved["services"]["mlflow"]["environment"]
-    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://detoxflow:")
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://detoxflow_mlflow:")
     assert mlflow_env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow"
     prefect_db = resolved["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert prefect_db.startswith("postgresql+asyncpg://") and prefect_db.endswith("@postgres:5432/prefect")
@@ -165,7 +168,8 @@ def test_state_lives_in_named_volumes(services: dict[str, dict]) -> None:
     mounts = {name: [v.split(":")[1] for v in svc.get("volumes") or []] for name, svc in services.items()}
     assert "/var/lib/postgresql/data" in mounts["postgres"]
     assert "/data" in mounts["minio"]
-    assert "/docker-entrypoint-initdb.d/10-detoxflow.sql" in mounts["postgres"]
+    assert "/docker-entrypoint-initdb.d/10-detoxflow-roles.sql" in mounts["postgres"]
+    assert "/var/lib/detoxflow/mlflow-auth" in mounts["mlflow"]  # MLflow's user store survives a restart
 
 
 def test_every_published_port_is_bound_to_loopback(services: dict[str, dict]) -> None:
@@ -231,8 +235,12 @@ def test_mlflow_service_is_postgres_backed_proxied_to_s3_and_accepts_its_service
     assert "mlflow:5000" in env["MLFLOW_ALLOWED_HOSTS"].split(",")
     assert env["MLFLOW_WORKERS"] == "1" and env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     entry = (ROOT / "infra/mlflow/entrypoint.sh").read_text()
-    assert entry.index("mlflow db upgrade") < entry.index("exec mlflow server")
+    assert entry.index("d.upgrade.callback") < entry.index("exec mlflow server")
     assert "--serve-artifacts" in entry and '--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"' in entry
+    assert "--app-name basic-auth" in entry and '--cors-allowed-origins "$MLFLOW_CORS_ALLOWED_ORIGINS"' in entry
+    # the store URI (with its password) is read from the environment by `mlflow server`, never passed as argv
+    assert "--backend-store-uri" not in entry and "db upgrade" not in entry.replace("# ", "").split("python -c")[0]
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://detoxflow_mlflow:")
 
 
 def test_workers_serve_pools_cpu_and_gpu_and_reach_the_stack_by_service_name(services: dict[str, dict]) -> None:
@@ -242,16 +250,39 @@ def test_workers_serve_pools_cpu_and_gpu_and_reach_the_stack_by_service_name(ser
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert env["DETOXFLOW_LOCK_DB_URI"].endswith("@postgres:5432/mlflow")
+        assert env["DETOXFLOW_LOCK_DB_URI"].startswith("postgresql+psycopg2://detoxflow_lock:")
+        assert env["PREFECT_API_AUTH_STRING"].startswith("detoxflow:${DETOXFLOW_PREFECT_PASSWORD:?")
+        assert env["MLFLOW_TRACKING_USERNAME"] == "detoxflow-worker"
+        assert services[f"worker-{pool}"]["user"] == "1000:1000"  # the image's unprivileged user, never root
+        assert "mlflow-users" in services[f"worker-{pool}"]["depends_on"]
     gpu = services["worker-gpu"]
     assert gpu["build"]["dockerfile"] == "infra/docker/Dockerfile.gpu"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
-def test_postgres_init_creates_both_databases() -> None:
-    sql = (ROOT / "infra/postgres/init.sql").read_text()
-    created = re.findall(r"CREATE DATABASE (\w+);", sql)
-    assert sorted(created) == ["mlflow", "prefect"]
+def test_postgres_init_creates_both_databases_owned_by_their_roles() -> None:
+    """roles.sql itself runs against a real PostgreSQL in tests/test_security.py and test_team_native.py."""
+    sql = (ROOT / "infra/postgres/roles.sql").read_text()
+    assert "ALTER DATABASE mlflow OWNER TO detoxflow_mlflow;" in sql and "ALTER DATABASE prefect OWNER TO detoxflow_prefect;" in sql
+    assert "GRANT CONNECT ON DATABASE mlflow TO detoxflow_lock;" in sql
+    assert "PASSWORD :'" in sql and "\\getenv" in sql  # passwords from the environment, not the file
+
+
+def test_prefect_server_requires_auth_csrf_and_one_cors_origin(services: dict[str, dict]) -> None:
+    env = services["prefect-server"]["environment"]
+    assert env["PREFECT_SERVER_API_AUTH_STRING"] == "detoxflow:${DETOXFLOW_PREFECT_PASSWORD:?set DETOXFLOW_PREFECT_PASSWORD in .env}"
+    assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    assert env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:${PREFECT_PORT:-4200}"
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://detoxflow_prefect:")
+
+
+def test_env_example_placeholders_are_refused_by_the_secret_check() -> None:
+    from detoxflow.team.secrets import weakness
+
+    placeholders = {k: v for k, v in env_example().items() if k in SECRETS}
+    assert placeholders.keys() == set(SECRETS)
+    assert all(weakness(v) for v in placeholders.values())
 
 
 def test_dockerfiles_copy_only_what_exists_and_install_the_team_extra() -> None:

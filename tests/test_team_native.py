@@ -30,6 +30,7 @@ from rich.console import Console
 
 from detoxflow.doctor import run_doctor
 from detoxflow.team import TeamError, TeamPorts, TeamStack, deploy_all, free_port, http_get, postgres_bin_dir
+from detoxflow.team.auth import basic_auth
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -182,7 +183,8 @@ def test_deploy_then_doctor_passes_and_each_pool_runs_its_deployment(stack: Team
         assert run["state_type"] == "COMPLETED", run["state"]
         assert run["work_pool_name"] == pool
         seen = json.loads(marker.read_text())
-        assert seen == {"DETOXFLOW_POOL": pool, **stack.env}, "the flow run must see the stack's URLs"
+        keys = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DETOXFLOW_LOCK_DB_URI")
+        assert seen == {"DETOXFLOW_POOL": pool, **{k: stack.env[k] for k in keys}}, "the flow run must see the stack's URLs"
 
 
 @needs_postgres
@@ -192,7 +194,8 @@ def test_nothing_is_lost_when_every_process_restarts(stack: TeamStack, deployed:
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
+    for k, v in stack.env.items():  # the MLflow user's credentials too
+        monkeypatch.setenv(k, v)
     client = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
     exp = client.create_experiment(f"persist-{time.time_ns()}")
     run = client.create_run(exp, tags={"stage": "train"})
@@ -244,13 +247,23 @@ def test_compose_entrypoints_start_the_servers_natively(stack: TeamStack, tmp_pa
     base["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     mlflow_env = {
         **base,
-        "MLFLOW_BACKEND_STORE_URI": stack.postgres.url("mlflow"),
+        "MLFLOW_BACKEND_STORE_URI": stack.role_url("detoxflow_mlflow", "mlflow"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": stack.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        # the same user store as the stack's server, so the stack's users log in here too
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{stack.root / 'mlflow-auth.db'}",
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
         "MLFLOW_ARTIFACTS_DESTINATION": str(stack.artifacts),
         "MLFLOW_HOST": "127.0.0.1",
         "MLFLOW_PORT": str(mlflow_port),
         "MLFLOW_ALLOWED_HOSTS": f"mlflow:{mlflow_port},127.0.0.1:{mlflow_port}",
     }
     worker_env = {**base, **stack.env, "DETOXFLOW_POOL": pool, "PREFECT_WORKER_WEBSERVER_PORT": str(health_port)}
+    if os.geteuid() == 0:  # the entrypoint refuses root unless told this is a throwaway machine
+        res = subprocess.run([str(ROOT / "infra/prefect/worker-entrypoint.sh")], env=worker_env, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2 and "would run as root" in res.stderr, res.stdout + res.stderr
+        worker_env["DETOXFLOW_ALLOW_ROOT_WORKER"] = "1"
     procs = []
     try:
         for script, env, log in (("infra/mlflow/entrypoint.sh", mlflow_env, "mlflow-entry.log"),
@@ -266,9 +279,10 @@ def test_compose_entrypoints_start_the_servers_natively(stack: TeamStack, tmp_pa
             assert time.monotonic() < deadline, "entrypoints did not come up in 180 s"
             time.sleep(0.5)
 
-        def search(host: str) -> int:
+        def search(host: str, creds: bool = True) -> int:
+            worker = f"{stack.env['MLFLOW_TRACKING_USERNAME']}:{stack.env['MLFLOW_TRACKING_PASSWORD']}"
             req = urllib.request.Request(f"{url}/api/2.0/mlflow/registered-models/search?max_results=1",
-                                         headers={"Host": host})
+                                         headers={"Host": host, **(basic_auth(worker) if creds else {})})
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     return resp.status
@@ -276,6 +290,7 @@ def test_compose_entrypoints_start_the_servers_natively(stack: TeamStack, tmp_pa
                 return e.code
 
         assert search(f"mlflow:{mlflow_port}") == 200  # the compose service name is accepted
+        assert search(f"mlflow:{mlflow_port}", creds=False) == 401  # the basic-auth app is on
         assert search("attacker.example") == 403  # DNS-rebinding protection stays on
         pools = api(stack, "POST", "work_pools/filter", {})
         assert pool in [p["name"] for p in pools], "the worker entrypoint creates its pool"
@@ -295,7 +310,8 @@ def test_compose_entrypoints_start_the_servers_natively(stack: TeamStack, tmp_pa
 @pytest.mark.integration
 @pytest.mark.slow
 def test_pipeline_deployment_runs_through_the_workers_and_registers_the_model(stack: TeamStack, tiny_models,
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The nightly deployment of the project's own prefect.yaml, with a tiny config as its parameters: the
     pipeline runs on the cpu worker, its training on the gpu worker, and the model lands in the team registry."""
     if not (ROOT / "prefect.yaml").is_file() or not (ROOT / "flows" / "pipeline.py").is_file():
@@ -305,6 +321,9 @@ def test_pipeline_deployment_runs_through_the_workers_and_registers_the_model(st
     from mlflow.tracking import MlflowClient
 
     from detoxflow.config import load_config
+
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, stack.env[k])
 
     for split, n in (("train", 12), ("test", 4)):
         lines = (ROOT / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
@@ -361,21 +380,27 @@ def test_native_setup_postgres_script_creates_role_and_databases_idempotently(tm
     import psycopg2
 
     with start_postgres(tmp_path) as pg:
+        pw = {"DETOXFLOW_PG_MLFLOW_PASSWORD": "0123abcd" * 3, "DETOXFLOW_PG_PREFECT_PASSWORD": "4567ef01" * 3,
+              "DETOXFLOW_PG_LOCK_PASSWORD": "89abcdef" * 3}
         env = {**os.environ, "PATH": f"{postgres_bin_dir()}{os.pathsep}{os.environ['PATH']}",
-               "PGHOST": pg.host, "PGPORT": str(pg.port), "PGUSER": pg.user, "DETOXFLOW_DB_PASSWORD": "0123abcd"}
+               "PGHOST": pg.host, "PGPORT": str(pg.port), "PGUSER": pg.user, **pw}
+        res = subprocess.run([str(ROOT / "infra/native/setup-postgres.sh")], capture_output=True, text=True,
+                             env={**env, "DETOXFLOW_PG_LOCK_PASSWORD": "change-me-lock-db-password"}, timeout=60)
+        assert res.returncode == 2 and "DETOXFLOW_PG_LOCK_PASSWORD" in res.stderr
         for _ in range(2):  # the second run must succeed too
             res = subprocess.run([str(ROOT / "infra/native/setup-postgres.sh")], env=env, capture_output=True,
                                  text=True, timeout=60)
             assert res.returncode == 0, res.stdout + res.stderr
-            assert "0123abcd" not in res.stdout + res.stderr
+            assert not any(p in res.stdout + res.stderr for p in pw.values())
         conn = psycopg2.connect(pg.uri())
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT d.datname, r.rolname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
                             "WHERE d.datname IN ('prefect', 'mlflow') ORDER BY 1")
-                assert cur.fetchall() == [("mlflow", "detoxflow"), ("prefect", "detoxflow")]
-                cur.execute("SELECT rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
-                            "WHERE rolname = 'detoxflow'")
-                assert cur.fetchone() == (True, True)
+                assert cur.fetchall() == [("mlflow", "detoxflow_mlflow"), ("prefect", "detoxflow_prefect")]
+                cur.execute("SELECT rolname, rolcanlogin, rolsuper, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
+                            "WHERE rolname LIKE 'detoxflow%' ORDER BY 1")
+                assert cur.fetchall() == [(r, True, False, True) for r in
+                                          ("detoxflow_lock", "detoxflow_mlflow", "detoxflow_prefect")]
         finally:
             conn.close()

@@ -10,6 +10,9 @@ One concern per module:
   (`detoxflow deploy`) against whatever Prefect API ``PREFECT_API_URL`` names;
 - :mod:`detoxflow.team.stack`: :class:`TeamStack` (everything started and stopped in dependency order; the
   integration tests use it too) and :func:`serve_team` (`detoxflow serve team`).
+- :mod:`detoxflow.team.auth`: the servers' credentials (Prefect basic auth, CSRF, CORS; MLflow's basic-auth app
+  and its users);
+- :mod:`detoxflow.team.secrets`: the stack's secrets (generated, mode 0600, weak ones refused; doctor's check).
 
 HTTP goes through :mod:`detoxflow.net`, shared with `detoxflow doctor`. The names below are the public API.
 """

@@ -12,8 +12,9 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from detoxflow.net import JSON_HEADERS, http_get, request
+from detoxflow.net import http_get, request
 from detoxflow.paths import PROJECT_ROOT
+from detoxflow.team.auth import prefect_headers
 from detoxflow.team.processes import TeamError, console_script, run_command
 
 log = logging.getLogger("detoxflow.team")  # one logger name for the whole team stack
@@ -22,18 +23,22 @@ DEFAULT_POOLS: tuple[str, ...] = ("cpu", "gpu")
 PREFECT_API_TIMEOUT_S = 15.0
 
 
-def prefect_api(api_url: str, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+def prefect_api(api_url: str, method: str, path: str, body: dict | None = None,
+                auth_string: str | None = None) -> tuple[int, object]:
     """(status, body) of a Prefect REST call: the decoded JSON on success, the error text on an HTTP error.
 
-    TeamError when the API does not answer."""
-    r = request(f"{api_url.rstrip('/')}/{path.lstrip('/')}", method, body, JSON_HEADERS, timeout=PREFECT_API_TIMEOUT_S)
+    Sends `auth_string` (default ``$PREFECT_API_AUTH_STRING``) and a CSRF token. TeamError when the API does
+    not answer."""
+    headers = prefect_headers(api_url, method, auth_string)
+    r = request(f"{api_url.rstrip('/')}/{path.lstrip('/')}", method, body, headers, timeout=PREFECT_API_TIMEOUT_S)
     if r.status == 0:
         raise TeamError(f"Prefect API {api_url} unreachable ({r.error}): start it (detoxflow serve team, or "
                         "docker compose up -d) and check PREFECT_API_URL") from r.error
     return r.status, (r.json() if r.error is None else r.text)
 
 
-def ensure_pools(api_url: str, pools: Iterable[str] = DEFAULT_POOLS, pool_type: str = "process") -> list[str]:
+def ensure_pools(api_url: str, pools: Iterable[str] = DEFAULT_POOLS, pool_type: str = "process",
+                 auth_string: str | None = None) -> list[str]:
     """Create each work pool that does not exist yet (process type, Prefect's default job template).
 
     Returns the names created. Existing pools are left as they are: an operator may have tuned them."""
@@ -41,14 +46,17 @@ def ensure_pools(api_url: str, pools: Iterable[str] = DEFAULT_POOLS, pool_type: 
 
     created = []
     for name in pools:
-        status, _ = prefect_api(api_url, "GET", f"work_pools/{name}")
+        status, _ = prefect_api(api_url, "GET", f"work_pools/{name}", auth_string=auth_string)
         if status == 200:
             continue
+        if status == 401:
+            raise TeamError(f"Prefect API {api_url} refused the credentials (HTTP 401): set PREFECT_API_AUTH_STRING "
+                            "(the stack's client.env, or PREFECT_AUTH_STRING in compose's .env)")
         if status != 404:
             raise TeamError(f"Prefect API {api_url}: reading work pool '{name}' answered HTTP {status}")
         template = ProcessWorker.get_default_base_job_template() if pool_type == "process" else {}
         status, body = prefect_api(api_url, "POST", "work_pools/",
-                                    {"name": name, "type": pool_type, "base_job_template": template})
+                                    {"name": name, "type": pool_type, "base_job_template": template}, auth_string)
         if status not in (200, 201, 409):  # 409: another process created it meanwhile, which is fine
             raise TeamError(f"Prefect API {api_url}: creating work pool '{name}' answered HTTP {status}: {body}")
         created.append(name)
@@ -97,7 +105,7 @@ def deploy_all(project_root: Path | None = None, pools: Iterable[str] = DEFAULT_
         raise TeamError(f"Prefect API {api} is not healthy (HTTP {status or 'no answer'}): start the server "
                         "(detoxflow serve team, or docker compose up -d) or fix PREFECT_API_URL")
     root = project_root or find_project_root()
-    ensure_pools(api, pools)
+    ensure_pools(api, pools, auth_string=run_env.get("PREFECT_API_AUTH_STRING"))
     log.info("prefect deploy --all from %s against %s", root, api)
     out = run_command([console_script("prefect"), "--no-prompt", "deploy", "--all"], "prefect deploy --all", env=run_env,
                cwd=root, timeout=600)

@@ -3,14 +3,21 @@ on 127.0.0.1 (the services of docker-compose.yml), started and stopped in the ri
 
 :class:`TeamStack` is the one implementation; `detoxflow serve team` (:func:`serve_team`) and the integration
 tests both use it, so what the tests prove is what a user runs.
+
+Security (docs/team.md): secrets in ``<root>/secrets.env``, a client's exports in ``<root>/client.env`` (both
+mode 0600, :mod:`detoxflow.team.secrets`); Prefect and MLflow require credentials (:mod:`detoxflow.team.auth`);
+PostgreSQL roles own one database each; no password is ever in argv (environment or mode-0600 files only).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
+import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -21,7 +28,8 @@ from types import FrameType, TracebackType
 
 from detoxflow.net import http_get
 from detoxflow.paths import PROJECT_ROOT
-from detoxflow.team.postgres import DATABASES, DB_USER, PostgresServer
+from detoxflow.team import auth
+from detoxflow.team.postgres import DB_USER, ROLES, PostgresServer
 from detoxflow.team.prefect_admin import DEFAULT_POOLS, ensure_pools, prefect_api
 from detoxflow.team.processes import (
     ManagedProcess,
@@ -32,8 +40,10 @@ from detoxflow.team.processes import (
     run_command,
     wait_until,
 )
+from detoxflow.team.secrets import CLIENT_FILE, SECRETS_FILE, SECRETS_PATH_ENV, load_or_create, write_env_file
 
 log = logging.getLogger("detoxflow.team")  # one logger name for the whole team stack
+WORKER_USER_ENV = "DETOXFLOW_WORKER_USER"
 
 # Two shared cores: importing mlflow or prefect alone can take 5-10 s there, a cold server start several times that.
 START_TIMEOUT_S = 180.0
@@ -61,6 +71,23 @@ class TeamPorts:
         return cls(postgres=free_port(host), mlflow=free_port(host), prefect=free_port(host))
 
 
+def resolve_worker_user(worker_user: str | None) -> str | None:
+    """Whom the workers run as. "auto": the caller, unless that is root; then ``$DETOXFLOW_WORKER_USER``
+    (default ``detoxflow``), which must exist: a flow run is a shell for whoever holds the Prefect credential,
+    so it must not be root's. None: the caller, even root (the test suite's stacks, which say so)."""
+    if worker_user != "auto":
+        return worker_user
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return None
+    name = os.environ.get(WORKER_USER_ENV) or "detoxflow"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise TeamError(f"the workers would run as root: create their user (useradd --system --create-home {name}) "
+                        f"or set {WORKER_USER_ENV} to an unprivileged account") from None
+    return name
+
+
 class TeamStack:
     """PostgreSQL + MLflow server + Prefect server + one worker per pool, under `root`.
 
@@ -68,7 +95,8 @@ class TeamStack:
     (workers, Prefect, MLflow, then PostgreSQL). State (database, artifacts, logs) stays in `root`, so a
     second stack on the same root finds every run, model version and flow run again.
 
-    `env` is what a client needs: PREFECT_API_URL, MLFLOW_TRACKING_URI, DETOXFLOW_LOCK_DB_URI."""
+    `env` is what a client needs: the URLs, the Prefect and MLflow (detoxflow-worker) credentials and
+    DETOXFLOW_LOCK_DB_URI; `start` writes it to ``<root>/client.env``."""
 
     def __init__(
         self,
@@ -83,6 +111,7 @@ class TeamStack:
         project_root: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
         worker_query_seconds: float | None = None,
+        worker_user: str | None = "auto",
     ) -> None:
         self.root = Path(root).resolve()
         self.host = host
@@ -93,11 +122,14 @@ class TeamStack:
         self.project_root = project_root or PROJECT_ROOT
         self.extra_env = dict(extra_env or {})
         self.worker_query_seconds = worker_query_seconds
+        self.worker_user = worker_user  # resolved when the workers start
         self.logs = self.root / "logs"
         self.artifacts = self.root / "artifacts"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.secrets = load_or_create(self.root, legacy_admin_password=self.root / "postgres.password")
         self.postgres = PostgresServer(
             data_dir=self.root / "postgres", host=host, port=self.ports.postgres,
-            log_path=self.logs / "postgres.log", password_file=self.root / "postgres.password", fsync=fsync,
+            log_path=self.logs / "postgres.log", password=self.secrets["DETOXFLOW_PG_ADMIN_PASSWORD"], fsync=fsync,
         )
         self.mlflow: ManagedProcess | None = None
         self.prefect: ManagedProcess | None = None
@@ -114,14 +146,26 @@ class TeamStack:
     def prefect_api_url(self) -> str:
         return f"http://{self.host}:{self.ports.prefect}/api"
 
+    secrets_file = property(lambda self: self.root / SECRETS_FILE)
+    client_file = property(lambda self: self.root / CLIENT_FILE)
+
+    prefect_auth_string = property(lambda self: auth.prefect_auth_string(self.secrets["DETOXFLOW_PREFECT_PASSWORD"]))
+
+    def role_url(self, role: str, database: str, driver: str = "psycopg2") -> str:  # holds a password: env only
+        return self.postgres.url(database, driver, role, self.secrets[ROLES[role]])
+
     @property
     def env(self) -> dict[str, str]:
-        """What a client (a shell, a worker, a test) exports to use this stack."""
+        """What a client (a shell, a worker, a test) exports to use this stack (secrets included)."""
         return {
             "PREFECT_API_URL": self.prefect_api_url,
+            **auth.prefect_client_env(self.prefect_auth_string),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
-            # The gate's pg_advisory_lock (detoxflow/locks.py) lives in the MLflow database.
-            "DETOXFLOW_LOCK_DB_URI": self.postgres.url("mlflow"),
+            "MLFLOW_TRACKING_USERNAME": auth.MLFLOW_WORKER_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets[auth.MLFLOW_USERS[auth.MLFLOW_WORKER_USER]],
+            # The gate's pg_advisory_lock (detoxflow/locks.py) lives in the MLflow database; its role may only connect.
+            "DETOXFLOW_LOCK_DB_URI": self.role_url("detoxflow_lock", "mlflow"),
+            SECRETS_PATH_ENV: str(self.secrets_file),
         }
 
     def _base_env(self) -> dict[str, str]:
@@ -139,7 +183,7 @@ class TeamStack:
     # -- services -------------------------------------------------------------------------------------------
     def start_postgres(self) -> None:
         self.timings["postgres"] = self.postgres.start()
-        self._new_databases = {db for db in DATABASES if self.postgres.ensure_database(db)}
+        self._new_databases = self.postgres.ensure_roles(self.secrets)
 
     def _mlflow_schema_current(self) -> bool:
         """Whether `mlflow db upgrade` can be skipped: the database is new (the server creates the schema) or
@@ -155,27 +199,45 @@ class TeamStack:
         if port_in_use(self.host, self.ports.mlflow):
             raise TeamError(f"MLflow: port {self.ports.mlflow} on {self.host} is taken: stop what listens there "
                             "or set DETOXFLOW_MLFLOW_PORT")
-        url = self.postgres.url("mlflow", "psycopg2")
-        env = {**self._base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        auth_ini, auth_db = self.root / "mlflow-auth.ini", self.root / "mlflow-auth.db"
+        os.close(os.open(auth_db, os.O_WRONLY | os.O_CREAT, 0o600))  # password hashes: SQLite keeps the mode
+        auth_db.chmod(0o600)
+        auth.write_mlflow_auth_config(auth_ini, f"sqlite:///{auth_db}")
+        env = {
+            **self._base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # `mlflow server` reads its store from here, so the password is in no argv
+            "MLFLOW_BACKEND_STORE_URI": self.role_url("detoxflow_mlflow", "mlflow"),
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        }
         if not self._mlflow_schema_current():
-            # Migrates an existing database to the installed MLflow; the server refuses an outdated schema.
-            run_command([console_script("mlflow"), "db", "upgrade", url], "mlflow db upgrade", env=env)
+            self.upgrade_mlflow_schema(env)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         hosts = f"{self.host},{self.host}:{self.ports.mlflow},localhost,localhost:{self.ports.mlflow}"
+        origins = f"{self.mlflow_url},http://localhost:{self.ports.mlflow}"
         self.mlflow = ManagedProcess(
             "mlflow",
-            [console_script("mlflow"), "server", "--backend-store-uri", url, "--serve-artifacts",
+            [console_script("mlflow"), "server", "--app-name", "basic-auth", "--serve-artifacts",
              "--artifacts-destination", self.artifacts.as_uri(), "--host", self.host, "--port", str(self.ports.mlflow),
-             "--workers", "1", "--allowed-hosts", hosts],
+             "--workers", "1", "--allowed-hosts", hosts, "--cors-allowed-origins", origins],
             env, self.root, self.logs / "mlflow.log",
         )
         self.mlflow.start()
+
+    def upgrade_mlflow_schema(self, env: Mapping[str, str]) -> None:
+        """`mlflow db upgrade` (the server refuses an outdated schema). It takes the URL as an argument, so its
+        function is called with the URL from `env` instead: the password stays out of argv."""
+        run_command([sys.executable, "-c", "import os, mlflow.db as d; "
+                     "d.upgrade.callback(os.environ['MLFLOW_BACKEND_STORE_URI'])"], "mlflow db upgrade", env=env)
 
     def _wait_mlflow(self) -> None:
         import importlib.metadata
 
         assert self.mlflow is not None
         wait_until(lambda: http_get(f"{self.mlflow_url}/health")[0] == 200, "MLflow server", START_TIMEOUT_S, self.mlflow)
+        auth.ensure_mlflow_users(self.mlflow_url, self.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+                                 {user: self.secrets[name] for user, name in auth.MLFLOW_USERS.items()})
         (self.root / "mlflow-schema.version").write_text(importlib.metadata.version("mlflow") + "\n")
 
     def _spawn_prefect(self) -> None:
@@ -184,8 +246,9 @@ class TeamStack:
                             "or set DETOXFLOW_PREFECT_PORT")
         env = {
             **self._base_env(),
-            "PREFECT_API_DATABASE_CONNECTION_URL": self.postgres.url("prefect", "asyncpg"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.role_url("detoxflow_prefect", "prefect", "asyncpg"),
             "PREFECT_UI_API_URL": self.prefect_api_url,
+            **auth.prefect_server_env(self.prefect_auth_string, self.prefect_api_url.removesuffix("/api")),
         }
         self.prefect = ManagedProcess(
             "prefect-server",
@@ -230,15 +293,26 @@ class TeamStack:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(self.worker_query_seconds)
         return env
 
+    def _worker_home(self, pool: str) -> dict[str, str]:
+        """A worker running as `worker_user` gets its own HOME and PREFECT_HOME, owned by that user."""
+        if self.worker_user is None:
+            return {}
+        home = self.root / f"worker-home-{pool}"
+        home.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(home, self.worker_user, pwd.getpwnam(self.worker_user).pw_gid)
+        return {"HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "USER": self.worker_user}
+
     def start_workers(self) -> None:
         t0 = time.monotonic()
-        ensure_pools(self.prefect_api_url, self.pools)
+        self.worker_user = resolve_worker_user(self.worker_user)
+        ensure_pools(self.prefect_api_url, self.pools, auth_string=self.prefect_auth_string)
         for pool in self.pools:
             proc = ManagedProcess(
                 f"worker-{pool}",
                 [console_script("prefect"), "worker", "start", "--pool", pool, "--type", "process",
                  "--name", f"{pool}-{socket.gethostname()}-{self.ports.prefect}", "--install-policy", "never"],
-                {**self.worker_env(), "DETOXFLOW_POOL": pool}, self.project_root, self.logs / f"worker-{pool}.log",
+                {**self.worker_env(), "DETOXFLOW_POOL": pool, **self._worker_home(pool)}, self.project_root,
+                self.logs / f"worker-{pool}.log", user=self.worker_user,
             )
             proc.start()
             self.workers[pool] = proc
@@ -250,7 +324,8 @@ class TeamStack:
         self.timings["workers"] = time.monotonic() - t0
 
     def pool_has_online_worker(self, pool: str, since: datetime | None = None) -> bool:
-        status, body = prefect_api(self.prefect_api_url, "POST", f"work_pools/{pool}/workers/filter", {})
+        status, body = prefect_api(self.prefect_api_url, "POST", f"work_pools/{pool}/workers/filter", {},
+                                   auth_string=self.prefect_auth_string)
         if status != 200 or not isinstance(body, list):
             return False
         for w in body:
@@ -285,10 +360,12 @@ class TeamStack:
         try:
             self.start_postgres()
             self.start_servers()
+            write_env_file(self.client_file, self.env, "detoxflow team stack: `source` this file to use the stack "
+                           "(mode 0600: it holds credentials)")
             if self.with_workers:
                 self.start_workers()
             else:
-                ensure_pools(self.prefect_api_url, self.pools)
+                ensure_pools(self.prefect_api_url, self.pools, auth_string=self.prefect_auth_string)
         except BaseException:
             try:
                 self.stop()
@@ -330,8 +407,16 @@ class TeamStack:
         self.stop()
 
 
-def _exports(env: Mapping[str, str]) -> str:
-    return "\n".join(f"export {k}='{v}'" for k, v in env.items())
+def banner(stack: TeamStack) -> list[str]:
+    """What `serve team` prints once up: addresses and where the env files are, never a secret."""
+    return [f"team stack up in {stack.timings['total']:.0f} s (state in {stack.root})",
+            f"  Prefect UI/API  {stack.prefect_api_url.removesuffix('/api')}", f"  MLflow          {stack.mlflow_url}",
+            f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (administrator {DB_USER})",
+            f"  workers         pools {', '.join(stack.pools)}; logs in {stack.logs}",
+            f"  secrets         {stack.secrets_file} (mode 0600; UI logins: docs/team.md, Security)",
+            "In another shell:", f"  . {stack.client_file}",
+            "  detoxflow deploy   # pools + deployments of prefect.yaml;  detoxflow doctor   # check",
+            "Ctrl-C stops everything."]
 
 
 def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
@@ -349,16 +434,8 @@ def serve_team(root: Path, ports: TeamPorts | None = None) -> None:
         with console.status("starting PostgreSQL, MLflow, Prefect and the workers (first start ~1 min)..."):
             stack.start()
         try:
-            console.print(f"[bold green]team stack up[/] in {stack.timings['total']:.0f} s (state in {stack.root})")
-            console.print(f"  Prefect UI/API  {stack.prefect_api_url.removesuffix('/api')}")
-            console.print(f"  MLflow          {stack.mlflow_url}")
-            console.print(f"  PostgreSQL      {stack.host}:{stack.ports.postgres} (user {DB_USER}, password in "
-                          f"{stack.postgres.password_file})")
-            console.print(f"  workers         pools {', '.join(stack.pools)}; logs in {stack.logs}")
-            console.print("In another shell:")
-            console.print(_exports(stack.env), markup=False, highlight=False)
-            console.print("  detoxflow deploy   # pools + deployments of prefect.yaml;  detoxflow doctor   # check")
-            console.print("Ctrl-C stops everything.")
+            for line in banner(stack):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
             while True:
                 dead = stack.dead()
                 if dead:
