@@ -52,9 +52,9 @@ class Linear:
     scaling: float = 1.0
 
 
-def linear(x: torch.Tensor, lin: Linear, lora: bool, training: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, lin: Linear, lora: bool) -> torch.Tensor:
     """``(..., in) -> (..., out)``: base linear plus, when ``lora``, ``scaling * B A x`` (PEFT's order of
-    operations). ``training`` changes nothing: no pass applies dropout (module docstring)."""
+    operations; no dropout in any pass, module docstring)."""
     if lin.conv1d:  # HF Conv1D: addmm over the flattened rows
         y = torch.addmm(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight).view(*x.shape[:-1], lin.weight.shape[1])
     else:
@@ -214,10 +214,9 @@ class FastBase:
             if self.adapter in m.lora_A and id(m.lora_A[self.adapter].weight) not in seen:
                 raise Unsupported(f"LoRA on {name}")
 
-    def lora_state(self) -> tuple[bool, bool]:
-        """``(adapter on, train mode)``: off inside :meth:`adapter_off` or PEFT's ``disable_adapter()``, or when PEFT
-        merged it into the base; the train mode as PEFT's LoRA layers hold it (no pass applies dropout)."""
+    def lora_on(self) -> bool:
+        """Whether the adapter applies: off inside :meth:`adapter_off` or PEFT's ``disable_adapter()``, or when PEFT
+        merged it into the base. Train mode changes nothing (no pass applies dropout)."""
         p = self.probe
-        on = not self.forced_off and not p.disable_adapters and not p.merged
-        return on, bool(p.lora_dropout[self.adapter].training)
+        return not self.forced_off and not p.disable_adapters and not p.merged
 

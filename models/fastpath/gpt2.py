@@ -70,7 +70,7 @@ class FastGPT2(FastBase):
             raise Unsupported("LoRA on lm_head")
 
     def _hidden(
-        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, lora: bool, training: bool,
+        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, lora: bool,
         kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None, start: int = 0, keep: slice | None = None,
     ) -> torch.Tensor:
         """``ids, position_ids (B, T), mask (B, 1, T, S) -> final hidden state (B, T, H)`` (after ``ln_f``). With
@@ -87,7 +87,7 @@ class FastGPT2(FastBase):
         x = F.embedding(ids, self.wte) + F.embedding(position_ids, self.wpe)
         for i, blk in enumerate(self.blocks):
             h = F.layer_norm(x, (d,), blk.ln1[0], blk.ln1[1], self.eps)
-            q, k, v = linear(h, blk.c_attn, lora, training).view(b, t, 3, nh, d // nh).permute(2, 0, 3, 1, 4)
+            q, k, v = linear(h, blk.c_attn, lora).view(b, t, 3, nh, d // nh).permute(2, 0, 3, 1, 4)
             if kv is not None:
                 kb, vb = kv[i]
                 kb[:, :, start : start + t] = k
@@ -95,9 +95,9 @@ class FastGPT2(FastBase):
                 k, v = kb[:, :, : start + t], vb[:, :, : start + t]
             if i == last and keep is not None:
                 x, q, mask = x[:, keep], q[:, :, keep], mask[:, :, keep]
-            x = x + linear(attend(q, k, v, mask, blk.scale, explicit_grad=False), blk.attn_proj, lora, training)
+            x = x + linear(attend(q, k, v, mask, blk.scale, explicit_grad=False), blk.attn_proj, lora)
             h = F.layer_norm(x, (d,), blk.ln2[0], blk.ln2[1], self.eps)
-            x = x + linear(self.act(linear(h, blk.c_fc, lora, training)), blk.mlp_proj, lora, training)
+            x = x + linear(self.act(linear(h, blk.c_fc, lora)), blk.mlp_proj, lora)
         return F.layer_norm(x, (d,), self.ln_f[0], self.ln_f[1], self.eps)
 
     def forward_causal(
@@ -105,17 +105,17 @@ class FastGPT2(FastBase):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ids, mask, position_ids (B, Tq + Tr) -> logits (B, Tr, V), hidden (B, Tr, H) or None``: the positions
         ``tq - 1 .. tq + tr - 2`` that predict the response tokens (what ``Policy._run`` returns)."""
-        lora, training = self.lora_state()
+        lora = self.lora_on()
         allowed = causal_mask(mask.bool(), ids.shape[1])
-        hidden = self._hidden(ids, position_ids, additive_mask(allowed, self.wte.dtype), lora, training,
+        hidden = self._hidden(ids, position_ids, additive_mask(allowed, self.wte.dtype), lora,
                               keep=slice(tq - 1, tq - 1 + tr))
-        logits = linear(hidden, self.lm_head, False, False)
+        logits = linear(hidden, self.lm_head, False)
         return logits, hidden if want_hidden else None
 
     def decode_steps(self, query_ids: torch.Tensor, query_mask: torch.Tensor, n_new: int) -> Decode:
         """The generator of ``Policy._decode_steps`` for left-padded causal queries: positions count real tokens,
         generated tokens always attend (as the HF path)."""
-        lora, training = self.lora_state()
+        lora = self.lora_on()
         b, tq = query_ids.shape
         total, nh = tq + n_new, self.heads
         kv = [(query_ids.new_empty((b, nh, total, self.d // nh), dtype=self.wte.dtype),
@@ -123,12 +123,12 @@ class FastGPT2(FastBase):
         valid = torch.cat([query_mask.bool(), query_mask.new_ones((b, n_new), dtype=torch.bool)], dim=1)
         position = (query_mask.long().cumsum(1) - 1).clamp(min=0)
         prefill_mask = additive_mask(causal_mask(valid[:, :tq], tq), self.wte.dtype)
-        hidden = self._hidden(query_ids, position, prefill_mask, lora, training, kv, 0, keep=slice(tq - 1, tq))[:, -1]
+        hidden = self._hidden(query_ids, position, prefill_mask, lora, kv, 0, keep=slice(tq - 1, tq))[:, -1]
         # (B, 1, 1, total): one query row, sliced to the filled length
         step_mask = additive_mask(valid[:, None, None, :], self.wte.dtype)
         position = position[:, -1:]
         for t in range(n_new):
-            token = yield linear(hidden, self.lm_head, False, False), hidden
+            token = yield linear(hidden, self.lm_head, False), hidden
             position = position + 1
             cur = tq + t
-            hidden = self._hidden(token.unsqueeze(1), position, step_mask[..., : cur + 1], lora, training, kv, cur)[:, -1]
+            hidden = self._hidden(token.unsqueeze(1), position, step_mask[..., : cur + 1], lora, kv, cur)[:, -1]

@@ -161,9 +161,9 @@ class FastLlama(FastBase):
         tiled = tile_mask(mask, rep)
         for i, blk in enumerate(self.blocks):
             h = self._rms(x, blk.ln1)
-            q = rotate(linear(h, blk.q, lora, False).view(b, t, nh, hd).transpose(1, 2), cos, sin)
-            k = rotate(linear(h, blk.k, lora, False).view(b, t, g, hd).transpose(1, 2), cos, sin)
-            v = linear(h, blk.v, lora, False).view(b, t, g, hd).transpose(1, 2)
+            q = rotate(linear(h, blk.q, lora).view(b, t, nh, hd).transpose(1, 2), cos, sin)
+            k = rotate(linear(h, blk.k, lora).view(b, t, g, hd).transpose(1, 2), cos, sin)
+            v = linear(h, blk.v, lora).view(b, t, g, hd).transpose(1, 2)
             if kv is not None:
                 kb, vb = kv[i]
                 kb[:, :, start : start + t] = k
@@ -171,9 +171,9 @@ class FastLlama(FastBase):
                 k, v = kb[:, :, : start + t], vb[:, :, : start + t]
             if i == last and keep is not None:
                 x, q, tiled = x[:, keep], q[:, :, keep], tile_mask(mask[:, :, keep], rep)
-            x = x + linear(gqa_attend(q, k, v, tiled, blk.scale), blk.o, lora, False)
+            x = x + linear(gqa_attend(q, k, v, tiled, blk.scale), blk.o, lora)
             h = self._rms(x, blk.ln2)
-            x = x + linear(self.act(linear(h, blk.gate, lora, False)) * linear(h, blk.up, lora, False), blk.down, lora, False)
+            x = x + linear(self.act(linear(h, blk.gate, lora)) * linear(h, blk.up, lora), blk.down, lora)
         return self._rms(x, self.norm)
 
     def forward_causal(
@@ -181,17 +181,17 @@ class FastLlama(FastBase):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ids, mask, position_ids (B, Tq + Tr) -> logits (B, Tr, V), hidden (B, Tr, H) or None``: the positions
         ``tq - 1 .. tq + tr - 2`` that predict the response tokens (what ``Policy._run`` returns)."""
-        lora, _ = self.lora_state()
+        lora = self.lora_on()
         allowed = causal_mask(mask.bool(), ids.shape[1])
         rope = rope_tables(position_ids, self.inv_freq, self.rope_scaling)
         hidden = self._hidden(ids, rope, additive_mask(allowed, self.embed.dtype), lora, keep=slice(tq - 1, tq - 1 + tr))
-        logits = linear(hidden, self.lm_head, False, False)
+        logits = linear(hidden, self.lm_head, False)
         return logits, hidden if want_hidden else None
 
     def decode_steps(self, query_ids: torch.Tensor, query_mask: torch.Tensor, n_new: int) -> Decode:
         """The generator of ``Policy._decode_steps`` for left-padded causal queries: positions count real tokens,
         generated tokens always attend (as the HF path); cos/sin of every generated position built once."""
-        lora, _ = self.lora_state()
+        lora = self.lora_on()
         b, tq = query_ids.shape
         total, dt = tq + n_new, self.embed.dtype
         kv = [(query_ids.new_empty((b, self.kv_heads, total, self.head_dim), dtype=dt),
@@ -205,7 +205,7 @@ class FastLlama(FastBase):
         ahead = position[:, -1:] + torch.arange(1, n_new + 1, device=position.device)  # (B, n_new)
         cos, sin = rope_tables(ahead, self.inv_freq, self.rope_scaling)
         for t in range(n_new):
-            token = yield linear(hidden, self.lm_head, False, False), hidden
+            token = yield linear(hidden, self.lm_head, False), hidden
             cur = tq + t
             step_rope = (cos[:, :, t : t + 1], sin[:, :, t : t + 1])
             hidden = self._hidden(token.unsqueeze(1), step_rope, step_mask[..., : cur + 1], lora, kv, cur)[:, -1]

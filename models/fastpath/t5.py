@@ -116,15 +116,15 @@ class FastT5(FastBase):
         """``(B, T, h * d_kv) -> (B, h, T, d_kv)``"""
         return x.view(x.shape[0], x.shape[1], self.heads, self.d_kv).transpose(1, 2)
 
-    def _ff(self, x: torch.Tensor, blk: _T5Block, lora: bool, training: bool) -> torch.Tensor:
+    def _ff(self, x: torch.Tensor, blk: _T5Block, lora: bool) -> torch.Tensor:
         h = self._norm(x, blk.ff_ln)
         if blk.wi is not None:
-            h = self.act(linear(h, blk.wi, lora, training))
+            h = self.act(linear(h, blk.wi, lora))
         else:
-            h = self.act(linear(h, blk.wi_0, lora, training)) * linear(h, blk.wi_1, lora, training)
-        return x + linear(h, blk.wo, lora, training)
+            h = self.act(linear(h, blk.wi_0, lora)) * linear(h, blk.wi_1, lora)
+        return x + linear(h, blk.wo, lora)
 
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor, lora: bool, training: bool) -> torch.Tensor:
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor, lora: bool) -> torch.Tensor:
         """``ids, mask (B, Ts) -> encoder output (B, Ts, d)`` (after the final norm)."""
         t = ids.shape[1]
         bias = relative_position_bias(self.enc_rel, self.attn_cls, t, t, True, self.buckets, self.max_distance)
@@ -133,21 +133,21 @@ class FastT5(FastBase):
         for blk in self.enc_blocks:
             a = blk.self_attn
             h = self._norm(x, a.ln)
-            q, k, v = (self._heads(linear(h, lin, lora, training)) for lin in (a.q, a.k, a.v))
-            x = x + linear(attend(q, k, v, bias, 1.0), a.o, lora, training)
-            x = self._ff(x, blk, lora, training)
+            q, k, v = (self._heads(linear(h, lin, lora)) for lin in (a.q, a.k, a.v))
+            x = x + linear(attend(q, k, v, bias, 1.0), a.o, lora)
+            x = self._ff(x, blk, lora)
         return self._norm(x, self.enc_ln)
 
-    def _cross_kv(self, enc: torch.Tensor, lora: bool, training: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cross_kv(self, enc: torch.Tensor, lora: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention ``(K, V)`` per decoder layer, ``(B, h, Ts, d_kv)`` each, contiguous: they are read once per
         generated token, and SDPA on the transposed views costs ~1.5x as much (measured at B 16, Ts 64)."""
-        return [(self._heads(linear(enc, b.cross.k, lora, training)).contiguous(),
-                 self._heads(linear(enc, b.cross.v, lora, training)).contiguous()) for b in self.dec_blocks]
+        return [(self._heads(linear(enc, b.cross.k, lora)).contiguous(),
+                 self._heads(linear(enc, b.cross.v, lora)).contiguous()) for b in self.dec_blocks]
 
     def _decoder_layer(
         self, x: torch.Tensor, blk: _T5Block, self_bias: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
         cross_in: torch.Tensor | tuple[torch.Tensor, torch.Tensor], cross_mask: torch.Tensor, lora: bool,
-        training: bool, start: int,
+        start: int,
     ) -> torch.Tensor:
         """One decoder block. ``kv``: self-attention buffers written at ``[start, start + T)``, attention over
         ``[0, start + T)``; ``cross_in``: the encoder output (K/V projected here, in HF's op order: q
@@ -155,48 +155,48 @@ class FastT5(FastBase):
         a, c = blk.self_attn, blk.cross
         t = x.shape[1]
         h = self._norm(x, a.ln)
-        q, k, v = (self._heads(linear(h, lin, lora, training)) for lin in (a.q, a.k, a.v))
+        q, k, v = (self._heads(linear(h, lin, lora)) for lin in (a.q, a.k, a.v))
         if kv is not None:
             kv[0][:, :, start : start + t] = k
             kv[1][:, :, start : start + t] = v
             k, v = kv[0][:, :, : start + t], kv[1][:, :, : start + t]
-        x = x + linear(attend(q, k, v, self_bias, 1.0), a.o, lora, training)
+        x = x + linear(attend(q, k, v, self_bias, 1.0), a.o, lora)
         h = self._norm(x, c.ln)
-        q = self._heads(linear(h, c.q, lora, training))
+        q = self._heads(linear(h, c.q, lora))
         if isinstance(cross_in, tuple):
             k, v = cross_in
         else:
-            k, v = self._heads(linear(cross_in, c.k, lora, training)), self._heads(linear(cross_in, c.v, lora, training))
-        x = x + linear(attend(q, k, v, cross_mask, 1.0, explicit_grad=False), c.o, lora, training)
-        return self._ff(x, blk, lora, training)
+            k, v = self._heads(linear(cross_in, c.k, lora)), self._heads(linear(cross_in, c.v, lora))
+        x = x + linear(attend(q, k, v, cross_mask, 1.0, explicit_grad=False), c.o, lora)
+        return self._ff(x, blk, lora)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden * self.scale_out if self.scale_out is not None else hidden, self.lm_head, False, False)
+        return linear(hidden * self.scale_out if self.scale_out is not None else hidden, self.lm_head, False)
 
     def forward_seq2seq(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor,
         decoder_attention_mask: torch.Tensor, want_hidden: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``-> logits (B, Td, V), decoder last hidden state (B, Td, d) or None`` (what ``Policy._run`` returns)."""
-        lora, training = self.lora_state()
-        enc = self.encode(input_ids, attention_mask, lora, training)
+        lora = self.lora_on()
+        enc = self.encode(input_ids, attention_mask, lora)
         td = decoder_input_ids.shape[1]
         self_bias = relative_position_bias(self.dec_rel, self.attn_cls, td, td, False, self.buckets, self.max_distance)
         self_bias = _additive(self_bias, causal_mask(decoder_attention_mask.bool(), td))
         cross_mask = additive_mask(attention_mask.bool()[:, None, None, :], enc.dtype)
         x = F.embedding(decoder_input_ids, self.dec_embed)
         for blk in self.dec_blocks:
-            x = self._decoder_layer(x, blk, self_bias, None, enc, cross_mask, lora, training, 0)
+            x = self._decoder_layer(x, blk, self_bias, None, enc, cross_mask, lora, 0)
         hidden = self._norm(x, self.dec_ln)
         return self._head(hidden), hidden if want_hidden else None
 
     def decode_steps(self, query_ids: torch.Tensor, query_mask: torch.Tensor, n_new: int, start_token: int) -> Decode:
         """The generator of ``Policy._decode_steps``: the encoder and the cross-attention K/V once, then one decoder
         position per call with self-attention K/V in static buffers and the causal position bias built once."""
-        lora, training = self.lora_state()
+        lora = self.lora_on()
         b = query_ids.shape[0]
-        enc = self.encode(query_ids, query_mask, lora, training)
-        cross = self._cross_kv(enc, lora, training)
+        enc = self.encode(query_ids, query_mask, lora)
+        cross = self._cross_kv(enc, lora)
         cross_mask = additive_mask(query_mask.bool()[:, None, None, :], enc.dtype)
         # generated tokens always attend (as HF decoding without a decoder mask): causal bias, no padding
         bias = relative_position_bias(self.dec_rel, self.attn_cls, n_new, n_new, False, self.buckets, self.max_distance)
@@ -207,6 +207,6 @@ class FastT5(FastBase):
             x = F.embedding(token.unsqueeze(1), self.dec_embed)
             step_bias = bias[:, :, t : t + 1, : t + 1]
             for blk, buf, ckv in zip(self.dec_blocks, kv, cross, strict=True):
-                x = self._decoder_layer(x, blk, step_bias, buf, ckv, cross_mask, lora, training, t)
+                x = self._decoder_layer(x, blk, step_bias, buf, ckv, cross_mask, lora, t)
             hidden = self._norm(x, self.dec_ln)[:, -1]
             token = yield self._head(hidden), hidden
