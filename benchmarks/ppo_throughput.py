@@ -310,12 +310,19 @@ PEER_LINE = re.compile(r"median_step_s=([\d.]+) samples_per_s=([\d.]+)")
 
 def run_peer(python: Path, bench: Path, model_dir: Path, arch: str, steps: int, threads: int, timeout: float,
              clock: str = "wall") -> SideResult:
+    """TRL 0.11 ``PPOTrainer``: ``steps`` timed PPO steps."""
     cmd = [str(python), str(bench / PEER_SCRIPT), str(model_dir), "--arch", arch, "--steps", str(steps)]
-    res = SideResult("peer", load_before=loadavg())
+    return _run_external("peer", cmd, PEER_LINE, threads, timeout, clock)
+
+
+def _run_external(side: str, cmd: list[str], pattern: re.Pattern[str], threads: int, timeout: float,
+                  clock: str) -> SideResult:
+    """Run a peer's script measured, and read its median step (or cycle) time from the line ``pattern`` matches."""
+    res = SideResult(side, load_before=loadavg())
     m = run_measured(with_shim(cmd, clock, threads), child_env(threads), timeout)
     res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
     res.gpu_peak_mb = gpu_peak(m.stdout)
-    found = PEER_LINE.search(m.stdout)
+    found = pattern.search(m.stdout)
     if m.returncode != 0 or not found:
         res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
         return res
@@ -331,17 +338,7 @@ def run_rloo(python: Path, bench: Path, model_dir: Path, arch: str, steps: int, 
              clock: str = "wall") -> SideResult:
     """TRL 1.16 ``RLOOTrainer``: ``steps`` timed generation cycles of 16 samples after one warm-up cycle."""
     cmd = [str(python), str(bench / RLOO_SCRIPT), str(model_dir), "--arch", arch, "--cycles", str(steps)]
-    res = SideResult("rloo", load_before=loadavg())
-    m = run_measured(with_shim(cmd, clock, threads), child_env(threads), timeout)
-    res.load_after, res.peak_rss_mb, res.wall_s = loadavg(), round(m.peak_rss_mb), round(m.wall_s, 1)
-    res.gpu_peak_mb = gpu_peak(m.stdout)
-    found = RLOO_LINE.search(m.stdout)
-    if m.returncode != 0 or not found:
-        res.error = f"exit {m.returncode}: {(m.stderr or m.stdout)[-1500:]}"
-        return res
-    res.median_step_s = float(found.group(1))
-    res.samples_per_s = round(BATCH / res.median_step_s, 2)
-    return res
+    return _run_external("rloo", cmd, RLOO_LINE, threads, timeout, clock)
 
 
 GPU_PEAK = re.compile(r"^GPU_PEAK_MB=(\d+)$", re.MULTILINE)
