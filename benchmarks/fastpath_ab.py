@@ -5,7 +5,7 @@
 
 Models: the benchmark's (``~/.cache/detoxflow/bench/models/<size>/<arch>``, built by ppo_throughput.py). Batch
 16, exactly 32 sampled tokens, LoRA r=8 alpha=16 dropout 0.05 on the default targets; "fwd+bwd" is one
-mini-batch of 4 in train mode (LoRA dropout on), as the trainer's update does it.
+mini-batch of 4 in train mode, as the trainer's update does it (no pass applies dropout, LoRA's included).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
         --prefect-url http://127.0.0.1:4200 --no-run            # a running team stack, its latest pipeline run
 
 Without URLs it starts an MLflow server and a Prefect server on free ports of 127.0.0.1 (stores in a temporary
-folder), runs ``detoxflow run`` against them, and stops them at the end. It then captures four pages into
+folder), runs ``detoxflow run`` against them, and stops them at the end. It then captures five pages into
 docs/img (``--out``): the pipeline's MLflow run, the registered model with its aliases, the version the gate
-decided on (its decision and reasons), and the Prefect flow run's summary artifact. Each page is loaded twice
+decided on (its decision and reasons), and the Prefect flow run and its summary artifact. Each page is loaded twice
 by ``chromium --headless``: ``--dump-dom`` first, and the PNG is kept only if the rendered DOM holds the words
 that page must show ("champion" and the gate's decision; the run's name and config): a login page, an error page or a page
 the JS app has not rendered yet fails the script (exit 1) with the page named, and leaves no PNG behind.
@@ -217,14 +217,14 @@ def shoot(name: str, url: str, kind: str, must_show: list[str], out: Path, tmp: 
 
 def capture(mlflow_url: str, prefect_url: str, o: Outcome, out: Path, tmp: Path) -> list[Path]:
     m, p = mlflow_url.rstrip("/"), prefect_url.rstrip("/")
-    verdict = o.decision.removesuffix("ed")  # 'promot' / 'reject': the summary's word and the version tag's
+    verdict = o.decision  # 'promoted' / 'rejected': the summary's word and the version's tag `decision`
     return [
         # the parent run holds the config and the stage timings; the decision lives on the version and the gate
         shoot("ui-mlflow-run", f"{m}/#/experiments/{o.experiment_id}/runs/{o.run_id}", "mlflow",
               [o.run_name, "ppo.kl.target", "time/total_s"], out, tmp),
         shoot("ui-mlflow-model", f"{m}/#/models/{o.model}", "mlflow", [o.model, "champion"], out, tmp),
         shoot("ui-mlflow-version", f"{m}/#/models/{o.model}/versions/{o.version}", "mlflow",
-              ["champion", "promotion.decision", verdict, "promotion.reasons"], out, tmp, height=1600),
+              ["champion", "decision", verdict, "promotion.reasons"], out, tmp, height=1600),
         shoot("ui-prefect-summary", f"{p}/artifacts/artifact/{o.artifact_id}", "prefect",
               [verdict, "toxicity", o.model], out, tmp, height=1400),
         shoot("ui-prefect-flow-run", f"{p}/runs/flow-run/{o.flow_run_id}", "prefect",
