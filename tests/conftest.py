@@ -30,6 +30,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DIALOGSUM_DEV = PROJECT_ROOT.parent / "shared" / "data" / "dialogsum" / "dev.jsonl"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~15x faster than two (no spin contention).
+    A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One ephemeral Prefect API for the whole session (each costs ~10 s)."""

@@ -194,6 +194,19 @@ def migrated_sqlite_store(path: Path) -> Path:
     return path
 
 
+def store_work_dir(tmp_path: Path, monkeypatch, empty_store: Path) -> Path:
+    """A work dir holding a fresh copy of ``empty_store`` (:func:`migrated_sqlite_store`) as its ``mlflow.db``, with
+    the variables that would point a test elsewhere (tracking URI, work dir, lock database, active run) unset and
+    the model cache under ``tmp_path``: a config with ``work_dir`` set to it tracks into its own store."""
+    for var in ("MLFLOW_TRACKING_URI", "DETOXFLOW_WORK_DIR", "DETOXFLOW_LOCK_DB_URI", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DETOXFLOW_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copyfile(empty_store, work / "mlflow.db")  # each test gets a fresh store
+    return work
+
+
 @contextlib.contextmanager
 def start_mlflow_server(
     tmpdir: Path, backend_uri: str | None = None, *, port: int | None = None, ready_timeout: float = 120.0

@@ -28,14 +28,7 @@ from detoxflow.models.evaluate import (
 )
 from detoxflow.models.reward import CallableScorer, ProfanityCheckScorer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~15x faster than two (no spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread
 
 
 # ------------------------------------------------------------------------------------------ pure metrics

@@ -5,7 +5,7 @@ width where a layer would be slow, keeping the query / key-value head ratio and 
 (9 / 3 heads, tied head), Qwen2.5-0.5B (q/k/v bias, 14 / 2 heads, tied), Llama-3.2-1B (``llama3`` RoPE scaling,
 tied), Mistral-7B v0.3 (untied head, head size 128). Their tokenizer has no pad token, as Llama tokenizers ship:
 the policy pads with EOS, on the left. LoRA sits on all seven projections. Helpers and tolerances as in
-tests/test_fastpath.py (``policy.fast = None`` switches the same policy to the HF path).
+tests/fastpath_checks.py (``policy.fast = None`` switches the same policy to the HF path).
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fastpath import PROMPTS, TOL, batch, both, randomise_lora
+from fastpath_checks import (
+    PROMPTS,
+    TOL,
+    batch,
+    both,
+    check_decoding_equals_full_forward,
+    check_rollout_matches_hf,
+    randomise_lora,
+)
 
 from detoxflow.config import GenerationConfig, LoraSection, ModelConfig
 from detoxflow.models.policy import Policy, response_mask_from_eos
@@ -160,46 +168,14 @@ def test_reference_forward_equals_hf_and_adapter_acts(llama_models, name: str) -
 def test_incremental_decoding_equals_full_forward(llama_models, name: str) -> None:
     """The decode loop (static K/V buffers of the key/value heads, RoPE positions counting real tokens) fed fixed
     responses: every step's logits and hidden state equal the HF full forward's inside the response mask."""
-    policy = load(llama_models[name])
-    randomise_lora(policy)
-    q, qm, r, rm = batch(policy)
-    with torch.no_grad():
-        policy.fast, fast = None, policy.fast
-        logits, hidden, _ = policy._run(q, qm, r, rm, want_hidden=True)
-        policy.fast = fast
-        step = policy._decode_steps(policy.model.get_base_model(), q, qm, r.shape[1])
-        got_l, got_h = [], []
-        lt, ht = next(step)
-        for t in range(r.shape[1]):
-            got_l.append(lt)
-            got_h.append(ht)
-            if t + 1 < r.shape[1]:
-                lt, ht = step.send(r[:, t])
-        step.close()
-    torch.testing.assert_close(torch.stack(got_l, 1)[rm], logits[rm], **TOL)
-    torch.testing.assert_close(torch.stack(got_h, 1)[rm], hidden[rm], **TOL)
+    check_decoding_equals_full_forward(load(llama_models[name]))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_rollout_matches_hf_rollout(llama_models, name: str) -> None:
     """The whole rollout (sampling merge, inference mode) on both paths: same tokens from the same seed,
     statistics within rounding; the training forward scores the sampled tokens as the rollout did."""
-    policy = load(llama_models[name])
-    randomise_lora(policy)
-    q, qm = policy.encode_queries(PROMPTS, 64)
-    gen = GenerationConfig(max_new_tokens=10, min_new_tokens=2, do_sample=True, top_k=0, top_p=1.0)
-
-    def run():
-        torch.manual_seed(3)
-        return policy.rollout(q, qm, gen)
-
-    a, b = both(policy, run)
-    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
-    for x, y in ((a.logprobs, b.logprobs), (a.values, b.values), (a.entropy, b.entropy)):
-        torch.testing.assert_close(x, y, **TOL)
-    with torch.no_grad():
-        lp, _, _ = policy.forward(q, qm, a.response_ids, a.response_mask, sampled_from=a.sampled_from)
-    torch.testing.assert_close(a.logprobs, lp, **TOL)
+    check_rollout_matches_hf(load(llama_models[name]), max_new_tokens=10)
 
 
 def test_no_dropout_in_any_pass(llama_models) -> None:

@@ -39,12 +39,7 @@ X, Y, N = 0.05, 0.2, 20
 LEASH_STEPS, LEASH_COEF, LEASH_BOUND, FREE_DRIFT = 12, 1.0, 2.0, 4.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread
 
 
 @pytest.fixture(scope="module")

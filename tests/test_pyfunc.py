@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from servers import migrated_sqlite_store
+from servers import migrated_sqlite_store, store_work_dir
 
 from detoxflow.config import Config, GenerationConfig, LoraSection, ModelConfig
 
@@ -38,12 +37,7 @@ def empty_store(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cfg(tmp_path, monkeypatch, empty_store) -> Config:
-    for var in ("MLFLOW_TRACKING_URI", "DETOXFLOW_WORK_DIR", "DETOXFLOW_LOCK_DB_URI", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DETOXFLOW_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "work").mkdir()
-    shutil.copyfile(empty_store, tmp_path / "work" / "mlflow.db")
-    return Config(name="pyf", work_dir=str(tmp_path / "work"))
+    return Config(name="pyf", work_dir=str(store_work_dir(tmp_path, monkeypatch, empty_store)))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import migrated_sqlite_store
+from servers import migrated_sqlite_store, store_work_dir
 
 from detoxflow.config import Config, load_config
 from detoxflow.locks import LockTimeout, gate_lock, lock_file_path, lock_key
@@ -30,12 +29,7 @@ def empty_store(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cfg(tmp_path, monkeypatch, empty_store) -> Config:
-    for var in ("MLFLOW_TRACKING_URI", "DETOXFLOW_WORK_DIR", "DETOXFLOW_LOCK_DB_URI", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DETOXFLOW_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "work").mkdir()
-    shutil.copyfile(empty_store, tmp_path / "work" / "mlflow.db")  # each test gets a fresh store
-    return Config(name="unit", work_dir=str(tmp_path / "work"))
+    return Config(name="unit", work_dir=str(store_work_dir(tmp_path, monkeypatch, empty_store)))
 
 
 @pytest.fixture(scope="module")
