@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from detoxflow.net import http_get
-from detoxflow.paths import PROJECT_ROOT
+from detoxflow.paths import HOME_ENV, PROJECT_ROOT
 from detoxflow.team import auth
 from detoxflow.team.postgres import DB_USER, ROLES, PostgresServer
 from detoxflow.team.prefect_admin import DEFAULT_POOLS, ensure_pools, prefect_api
@@ -293,6 +293,15 @@ class TeamStack:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(self.worker_query_seconds)
         return env
 
+    def _worker_state(self) -> dict[str, str]:
+        """Both workers keep detoxflow's state (work dirs, checkpoints, locks) in ``<root>/work``, their
+        ``DETOXFLOW_HOME`` (compose: the ``work`` volume), owned by `worker_user` when they run as one."""
+        work = self.root / "work"
+        work.mkdir(mode=0o750, exist_ok=True)
+        if self.worker_user is not None:
+            shutil.chown(work, self.worker_user, pwd.getpwnam(self.worker_user).pw_gid)
+        return {HOME_ENV: str(work)}
+
     def _worker_home(self, pool: str) -> dict[str, str]:
         """A worker running as `worker_user` gets its own HOME and PREFECT_HOME, owned by that user."""
         if self.worker_user is None:
@@ -311,7 +320,7 @@ class TeamStack:
                 f"worker-{pool}",
                 [console_script("prefect"), "worker", "start", "--pool", pool, "--type", "process",
                  "--name", f"{pool}-{socket.gethostname()}-{self.ports.prefect}", "--install-policy", "never"],
-                {**self.worker_env(), "DETOXFLOW_POOL": pool, **self._worker_home(pool)}, self.project_root,
+                {**self.worker_env(), "DETOXFLOW_POOL": pool, **self._worker_state(), **self._worker_home(pool)}, self.project_root,
                 self.logs / f"worker-{pool}.log", user=self.worker_user,
             )
             proc.start()
