@@ -293,23 +293,17 @@ class TeamStack:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(self.worker_query_seconds)
         return env
 
-    def _worker_state(self) -> dict[str, str]:
-        """Both workers keep detoxflow's state (work dirs, checkpoints, locks) in ``<root>/work``, their
-        ``DETOXFLOW_HOME`` (compose: the ``work`` volume), owned by `worker_user` when they run as one."""
-        work = self.root / "work"
-        work.mkdir(mode=0o750, exist_ok=True)
-        if self.worker_user is not None:
-            shutil.chown(work, self.worker_user, pwd.getpwnam(self.worker_user).pw_gid)
-        return {HOME_ENV: str(work)}
-
     def _worker_home(self, pool: str) -> dict[str, str]:
-        """A worker running as `worker_user` gets its own HOME and PREFECT_HOME, owned by that user."""
+        """Both workers keep detoxflow's state in ``<root>/work``, their ``DETOXFLOW_HOME`` (compose: the ``work``
+        volume); run as `worker_user`, each also gets its own HOME and PREFECT_HOME, all owned by that user."""
+        work, home = self.root / "work", self.root / f"worker-home-{pool}"
+        work.mkdir(mode=0o750, exist_ok=True)
         if self.worker_user is None:
-            return {}
-        home = self.root / f"worker-home-{pool}"
+            return {HOME_ENV: str(work)}
         home.mkdir(mode=0o700, exist_ok=True)
-        shutil.chown(home, self.worker_user, pwd.getpwnam(self.worker_user).pw_gid)
-        return {"HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "USER": self.worker_user}
+        for folder in (work, home):
+            shutil.chown(folder, self.worker_user, pwd.getpwnam(self.worker_user).pw_gid)
+        return {HOME_ENV: str(work), "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"), "USER": self.worker_user}
 
     def start_workers(self) -> None:
         t0 = time.monotonic()
@@ -320,7 +314,7 @@ class TeamStack:
                 f"worker-{pool}",
                 [console_script("prefect"), "worker", "start", "--pool", pool, "--type", "process",
                  "--name", f"{pool}-{socket.gethostname()}-{self.ports.prefect}", "--install-policy", "never"],
-                {**self.worker_env(), "DETOXFLOW_POOL": pool, **self._worker_state(), **self._worker_home(pool)}, self.project_root,
+                {**self.worker_env(), "DETOXFLOW_POOL": pool, **self._worker_home(pool)}, self.project_root,
                 self.logs / f"worker-{pool}.log", user=self.worker_user,
             )
             proc.start()
