@@ -18,9 +18,9 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -342,12 +342,8 @@ class TeamStack:
     def stop_workers(self) -> None:
         # In parallel and with a short grace: a worker that has run flows ignores SIGTERM (and often SIGINT),
         # and holds no state of its own; flow runs it started die with its process group.
-        threads = [threading.Thread(target=proc.stop, kwargs={"grace": WORKER_STOP_GRACE_S})
-                   for proc in self.workers.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(max_workers=max(1, len(self.workers))) as pool:
+            list(pool.map(lambda proc: proc.stop(grace=WORKER_STOP_GRACE_S), self.workers.values()))
         self.workers.clear()
 
     def stop_servers(self) -> None:
