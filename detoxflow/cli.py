@@ -257,6 +257,7 @@ def train_rank(
     from detoxflow.children import die_with_launcher
 
     die_with_launcher()  # even a launcher killed with -9 leaves no rank behind
+    terminal.configure(True)  # the ranks' output is the launch's log file (ranks.log), not a person's terminal
     cfg = Config.model_validate_json(config_json.read_text())
     from detoxflow.tasks.training import run_rank
 
