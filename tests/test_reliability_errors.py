@@ -252,7 +252,7 @@ def test_reward_failure_is_one_line_exit_2_and_a_failed_run(tmp_path: Path, fn: 
     )
     proc, _ = detoxflow(["train", "-c", str(DEFAULT), *SMALL, "--set", "reward.kind=callable",
                          "--set", f"reward.callable=badreward:{fn}"], tmp_path, timeout=600, PYTHONPATH=str(tmp_path),
-                        PREFECT_LOGGING_LEVEL="INFO")
+                        PREFECT_LOGGING_LEVEL="INFO", DETOXFLOW_HOME=str(tmp_path / ".detoxflow"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if says in line]
