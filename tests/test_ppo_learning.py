@@ -5,8 +5,9 @@ policy's tokenizer) that are one chosen token, ``" idiot"`` for the T5-style mod
 GPT-2-style one (tokens these random models already emit now and then, 1-5% of their tokens). Settings: LoRA r=8,
 8 new tokens, 16 prompts per step in mini-batches of 8, 2 epochs, learning rate 0.03, one torch thread.
 
-- "PPO learns": with no KL penalty the reward goes from <= X = 0.05 at step 1 to >= Y = 0.2 (the mean of steps
-  N-2..N) within N = 20 steps, for both architectures;
+- "PPO learns": with no KL penalty the reward goes from <= X = 0.1 (the mean of steps 1-3) to >= Y = 0.3 (the
+  mean of steps N-2..N) within N = 20 steps, for both architectures (measured at 1 thread: T5 0.052 -> 0.460,
+  GPT-2 0.028 -> 0.570);
 - "the KL leash holds": after 12 steps, KL coefficient 0 lets the policy drift beyond 4 nats per sequence
   from the reference, a fixed coefficient of 1.0 keeps it under 2.0
   (measured at 1 thread: 6.15 and 1.35; a larger coefficient does not go much lower, as whitened advantages
@@ -35,7 +36,7 @@ from detoxflow.models.trainer import train
 PROMPTS = [f"person one says the order {i} arrived late and the manager {w}" for i, w in enumerate(
     ["agrees", "says thanks", "asks", "tells the doctor", "wants a refund", "is lovely", "meeting friday", "report"])]
 TARGET = {"t5": " idiot", "gpt2": " agrees"}
-X, Y, N = 0.05, 0.2, 20
+X, Y, N = 0.1, 0.3, 20
 LEASH_STEPS, LEASH_COEF, LEASH_BOUND, FREE_DRIFT = 12, 1.0, 2.0, 4.0
 
 
@@ -122,7 +123,7 @@ def exact_kl(policy: Policy, n_rows: int = 32) -> float:
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_ppo_raises_the_toy_reward(models, arch: str, tmp_path: Path) -> None:
     _, scores = run(models[arch], arch, N, 0.0, tmp_path)
-    assert scores[0] <= X, scores
+    assert sum(scores[:3]) / 3 <= X, scores
     assert sum(scores[-3:]) / 3 >= Y, scores
 
 
