@@ -357,7 +357,8 @@ def _start_train(work: Path, log: Path, fault: str | None = None) -> subprocess.
         env["DETOXFLOW_FAULT"] = fault
     work.mkdir(parents=True, exist_ok=True)
     sets = [a for s in (*SMALL, f"work_dir={work}") for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "detoxflow.cli", "train", "-c", str(PROJECT / "configs" / "default.yaml"), *sets]
+    # -v: the trainer's INFO lines (": checkpoint /...") are what the test waits for; the default console hides them
+    cmd = [sys.executable, "-m", "detoxflow.cli", "-v", "train", "-c", str(PROJECT / "configs" / "default.yaml"), *sets]
     with log.open("wb") as fh:
         return subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh)
 
