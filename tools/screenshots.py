@@ -15,7 +15,8 @@ the JS app has not rendered yet fails the script (exit 1) with the page named, a
 
 Credentials for a stack with basic auth come from the variables the clients already use:
 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for MLflow and PREFECT_API_AUTH_STRING ("user:password")
-for Prefect; they are passed to Chromium in the page URL, never on a command line of their own.
+for Prefect. They reach Chromium in the page URL, which is on Chromium's command line while a page loads (other
+users of the machine can read it there): use the stack's read-only user, `detoxflow-reader`, for MLflow.
 """
 
 from __future__ import annotations
