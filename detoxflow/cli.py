@@ -188,6 +188,14 @@ def _resumable(
             APILogHandler().flush()
 
 
+def _print_result(result: dict[str, Any], json_: bool, table: Callable[..., Any]) -> None:
+    """A command's result: JSON on stdout with ``--json``, else ``table(result, links)`` (detoxflow.terminal)."""
+    if json_:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        terminal.print_table(out, table(result, terminal.run_links(result)))
+
+
 @app.command()
 def run(
     config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None, fresh: FreshOpt = False,
@@ -204,11 +212,7 @@ def run(
 
         return pipeline(cfg, resume_run_id=run_id, resume_key=key)
 
-    summary = _resumable(cfg, "pipeline", fresh, resume, start)
-    if json_:
-        out.print_json(json.dumps(summary, default=str))
-    else:
-        terminal.print_summary(out, summary, terminal.run_links(summary))
+    _print_result(_resumable(cfg, "pipeline", fresh, resume, start), json_, terminal.summary_table)
 
 
 @app.command()
@@ -222,6 +226,7 @@ def train(
     ] = None,
     fresh: FreshOpt = False,
     resume: ResumeOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Run PEFT-PPO training alone (the `train` flow), tracked in MLflow; an unfinished run of the same config and
     data is resumed from its newest checkpoint (--fresh: start over)."""
@@ -241,8 +246,7 @@ def train(
 
         return train_flow(cfg, resume_run_id=run_id, resume_key=key)
 
-    result = _resumable(cfg, "train", fresh, resume, start)
-    out.print_json(json.dumps(result, default=str))
+    _print_result(_resumable(cfg, "train", fresh, resume, start), json_, terminal.train_table)
 
 
 @app.command("train-rank", hidden=True)
@@ -269,14 +273,14 @@ def evaluate(
     model: Annotated[str, typer.Option(help="models:/NAME@alias, runs:/..., or a model artifact directory")],
     config: ConfigOpt = Path("configs/default.yaml"),
     set_: SetOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Evaluate a model on the held-out split (the `evaluate` flow)."""
     cfg = _checked(config, set_, model_uri=model)
     from detoxflow.flows.evaluate import evaluate_flow
 
     _quiet_prefect()
-
-    out.print_json(json.dumps(evaluate_flow(cfg, model_uri=model), default=str))
+    _print_result(evaluate_flow(cfg, model_uri=model), json_, terminal.evaluate_table)
 
 
 @app.command()
@@ -284,14 +288,14 @@ def promote(
     model: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@challenger")],
     config: ConfigOpt = Path("configs/default.yaml"),
     set_: SetOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Evaluate a registered version and run the promotion gate on it (the `promote` flow)."""
     cfg = _checked(config, set_, model_uri=model)
     from detoxflow.flows.promote import promote_flow
 
     _quiet_prefect()
-
-    out.print_json(json.dumps(promote_flow(cfg, model_uri=model), default=str))
+    _print_result(promote_flow(cfg, model_uri=model), json_, terminal.promote_table)
 
 
 @app.command()

@@ -92,7 +92,7 @@ SUMMARY = {
 def test_summary_table_figures_colours_and_links() -> None:
     buf = io.StringIO()
     console = Console(file=buf, width=160, force_terminal=True, color_system="standard")
-    terminal.print_summary(console, SUMMARY, terminal.run_links(SUMMARY, env={}))
+    terminal.print_table(console, terminal.summary_table(SUMMARY, terminal.run_links(SUMMARY, env={})))
     text = buf.getvalue()
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     # (0.13714 - 0.37444) / 0.37444 = -63.4%; (0.76297 - 0.79815) / 0.79815 = -4.4%
