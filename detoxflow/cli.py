@@ -25,8 +25,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+registry_app = typer.Typer(help="Maintain the model registry.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
 
 console = Console(stderr=True)
 out = Console()
@@ -138,6 +140,21 @@ def data_inspect(
 ) -> None:
     """Load every split of the configured dataset, validate it, and print sizes, digests and examples."""
     terminal.print_data_inspection(out, _load(config, set_).data, show)
+
+
+@registry_app.command("migrate")
+def registry_migrate(
+    model: Annotated[str | None, typer.Option(help="one registered model; default: every detoxflow model")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would change; change nothing")] = False,
+) -> None:
+    """Re-register the versions logged before the policy was an MLflow model as pyfunc models (MLflow's loader and
+    `mlflow models serve` read them) and move their aliases; a second run does nothing."""
+    preflight.check_tracking(None)
+    from detoxflow import tracking
+
+    tracking.use_store(None, "registry migrate")
+    for line in tracking.migration_report(tracking.migrate_registry(model, dry_run=dry_run), dry_run=dry_run):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
