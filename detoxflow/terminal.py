@@ -181,7 +181,7 @@ def _title(name: str, decision: str) -> Text:
     return Text.assemble((name, "bold"), ": ", (decision or "no decision", f"bold {decision_style(decision)}"))
 
 
-def _before_after(title: Text | str) -> Table:
+def _before_after(title: Text | str | None = None) -> Table:
     table = Table(box=None, pad_edge=False, title=title, title_justify="left", header_style="bold")
     for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -252,14 +252,15 @@ def evaluate_table(result: Mapping[str, Any], links: Sequence[tuple[str, str]]) 
     ROUGE-L and length before (the baseline) and after (the model), the alarms and ``links``. (Evaluation
     measures no KL: a training run or a registered version carries it.)"""
     before, after = result.get("baseline_metrics") or {}, result.get("metrics") or {}
-    table = _before_after(Text.assemble(("evaluate ", "bold"), (str(result.get("model_uri", "")), "bold"),
-                                        f" on {result.get('n_eval', '?')} held-out prompts"))
+    title = Text.assemble(("evaluate ", "bold"), (str(result.get("model_uri", "")), "bold"),
+                          f" on {result.get('n_eval', '?')} held-out prompts")  # a line: the URI is wider than the table
+    table = _before_after()
     _toxicity_row(table, result)
     for label, key, digits in (("expected max toxicity", "eval/expected_max_toxicity", 4),
                                ("ROUGE-L", "eval/rouge_l", 3), ("length (tokens)", "eval/length_mean", 1)):
         b, a = before.get(key), after.get(key)
         table.add_row(label, _num(b, digits), _num(a, digits), _pct(_rel(b, a)))
-    return Group(table, *_closing_lines(result, links))
+    return Group(title, table, *_closing_lines(result, links))
 
 
 def promote_table(result: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> Group:
