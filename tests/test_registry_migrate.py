@@ -91,7 +91,8 @@ def test_migrate_makes_an_old_version_an_mlflow_model_with_its_weights_tags_and_
         mlflow.pyfunc.load_model(f"models:/{name}@champion")
 
     def registry() -> list[tuple]:
-        return [(v.version, v.source, sorted(v.aliases), v.tags, v.description) for v in T.list_versions(name)]
+        found = [T.get_version(name, v.version) for v in T.list_versions(name)]
+        return [(v.version, v.source, sorted(v.aliases), v.tags, v.description) for v in found]
 
     snapshot = registry()
     dry = cli("registry", "migrate", "--dry-run")

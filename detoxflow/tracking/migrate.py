@@ -35,7 +35,7 @@ from detoxflow.config import Config, TrackingConfig
 from detoxflow.locks import gate_lock
 from detoxflow.tracking.backend import TAG_CONFIG_NAME, TrackingError, _client
 from detoxflow.tracking.pyfunc import META_FILE, link_metrics, log_policy, logged_model_of_run, policy_root
-from detoxflow.tracking.registry import VersionInfo, list_versions, set_alias, version_metrics
+from detoxflow.tracking.registry import VersionInfo, get_version, list_versions, set_alias, version_metrics
 from detoxflow.tracking.store import fetch_model
 
 TAG_MIGRATED_FROM = "migrated_from"
@@ -115,7 +115,7 @@ def _lock_config(name: str) -> Config:
 
 def _migrate_version(info: VersionInfo, versions: list[VersionInfo], dry_run: bool) -> Migration:
     successor = next((v for v in versions if v.tags.get(TAG_MIGRATED_FROM) == info.version), None)
-    aliases = tuple(sorted(info.aliases))
+    aliases = tuple(sorted(get_version(info.name, info.version).aliases))  # a search's versions lack their aliases
     if dry_run:
         return Migration(info.name, info.version, successor.version if successor else None, aliases, successor is None)
     new = successor.version if successor else _register_successor(info)
