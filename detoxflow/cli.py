@@ -25,8 +25,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+registry_app = typer.Typer(help="Maintain the model registry.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
 
 console = Console(stderr=True)
 out = Console()
@@ -140,6 +142,21 @@ def data_inspect(
     terminal.print_data_inspection(out, _load(config, set_).data, show)
 
 
+@registry_app.command("migrate")
+def registry_migrate(
+    model: Annotated[str | None, typer.Option(help="one registered model; default: every detoxflow model")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would change; change nothing")] = False,
+) -> None:
+    """Re-register the versions logged before the policy was an MLflow model as pyfunc models (MLflow's loader and
+    `mlflow models serve` read them) and move their aliases; a second run does nothing."""
+    preflight.check_tracking(None)
+    from detoxflow import tracking
+
+    tracking.use_store(None, "registry migrate")
+    for line in tracking.migration_report(tracking.migrate_registry(model, dry_run=dry_run), dry_run=dry_run):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def bootstrap(
     arch: Annotated[str, typer.Argument(help="t5, gpt2, llama or all")] = "all",
@@ -188,6 +205,14 @@ def _resumable(
             APILogHandler().flush()
 
 
+def _print_result(result: dict[str, Any], json_: bool, table: Callable[..., Any]) -> None:
+    """A command's result: JSON on stdout with ``--json``, else ``table(result, links)`` (detoxflow.terminal)."""
+    if json_:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        terminal.print_table(out, table(result, terminal.run_links(result)))
+
+
 @app.command()
 def run(
     config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None, fresh: FreshOpt = False,
@@ -204,11 +229,7 @@ def run(
 
         return pipeline(cfg, resume_run_id=run_id, resume_key=key)
 
-    summary = _resumable(cfg, "pipeline", fresh, resume, start)
-    if json_:
-        out.print_json(json.dumps(summary, default=str))
-    else:
-        terminal.print_summary(out, summary, terminal.run_links(summary))
+    _print_result(_resumable(cfg, "pipeline", fresh, resume, start), json_, terminal.summary_table)
 
 
 @app.command()
@@ -222,6 +243,7 @@ def train(
     ] = None,
     fresh: FreshOpt = False,
     resume: ResumeOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Run PEFT-PPO training alone (the `train` flow), tracked in MLflow; an unfinished run of the same config and
     data is resumed from its newest checkpoint (--fresh: start over)."""
@@ -241,8 +263,7 @@ def train(
 
         return train_flow(cfg, resume_run_id=run_id, resume_key=key)
 
-    result = _resumable(cfg, "train", fresh, resume, start)
-    out.print_json(json.dumps(result, default=str))
+    _print_result(_resumable(cfg, "train", fresh, resume, start), json_, terminal.train_table)
 
 
 @app.command("train-rank", hidden=True)
@@ -269,14 +290,14 @@ def evaluate(
     model: Annotated[str, typer.Option(help="models:/NAME@alias, runs:/..., or a model artifact directory")],
     config: ConfigOpt = Path("configs/default.yaml"),
     set_: SetOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Evaluate a model on the held-out split (the `evaluate` flow)."""
     cfg = _checked(config, set_, model_uri=model)
     from detoxflow.flows.evaluate import evaluate_flow
 
     _quiet_prefect()
-
-    out.print_json(json.dumps(evaluate_flow(cfg, model_uri=model), default=str))
+    _print_result(evaluate_flow(cfg, model_uri=model), json_, terminal.evaluate_table)
 
 
 @app.command()
@@ -284,14 +305,14 @@ def promote(
     model: Annotated[str, typer.Option(help="models:/NAME/VERSION or models:/NAME@challenger")],
     config: ConfigOpt = Path("configs/default.yaml"),
     set_: SetOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Evaluate a registered version and run the promotion gate on it (the `promote` flow)."""
     cfg = _checked(config, set_, model_uri=model)
     from detoxflow.flows.promote import promote_flow
 
     _quiet_prefect()
-
-    out.print_json(json.dumps(promote_flow(cfg, model_uri=model), default=str))
+    _print_result(promote_flow(cfg, model_uri=model), json_, terminal.promote_table)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """What a person reads in the terminal: the console log (quiet by default, everything with ``-v``), a line per
-start-up phase, and the run's closing summary table.
+start-up phase, and the closing table of each command (``run``, ``train``, ``evaluate``, ``promote``; the
+result as JSON instead is the CLI's ``--json``), one home for how their numbers and decisions read.
 
 Default mode shows detoxflow's own progress (the flow's stage lines, a line per start-up phase), its warnings
 as ``! <message>`` (a repeat of the same message template is shown once) and every error; third-party INFO logs
@@ -166,38 +167,115 @@ def _num(x: Any, digits: int = 4) -> str:
     return "" if x is None else f"{float(x):.{digits}f}"
 
 
+def _rel(before: Any, after: Any) -> float | None:
+    """(after - before) / before, or None when either is missing or before is 0."""
+    return (after - before) / before if before and after is not None else None
+
+
+def decision_style(decision: str) -> str:
+    """The colour of a gate decision: promoted green, rejected red, anything else (none yet) yellow."""
+    return "green" if decision.startswith("promot") else "red" if decision.startswith("reject") else "yellow"
+
+
+def _title(name: str, decision: str) -> Text:
+    return Text.assemble((name, "bold"), ": ", (decision or "no decision", f"bold {decision_style(decision)}"))
+
+
+def _before_after(title: Text | str | None = None) -> Table:
+    table = Table(box=None, pad_edge=False, title=title, title_justify="left", header_style="bold")
+    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    return table
+
+
+def _toxicity_row(table: Table, result: Mapping[str, Any]) -> None:
+    """Toxicity before / after and the relative change with its 95% CI (the keys of ``toxicity_outcome``)."""
+    ci = result.get("relative_change_ci") or (None, None)
+    change = _pct(result.get("relative_change"))
+    if ci[0] is not None:
+        change += f" (95% CI {_pct(ci[0])} … {_pct(ci[1])})"
+    table.add_row("toxicity", _num(result.get("toxicity_before")), _num(result.get("toxicity_after")), change)
+
+
+def _gate_lines(reasons: Sequence[str]) -> list[Text]:
+    """The gate's rows: PASS green, BLOCK (a rule the version failed) red."""
+    rows = []
+    for reason in reasons:
+        verdict = reason.split(" ", 1)[0]
+        style = "green" if verdict == "PASS" else "red" if verdict in ("BLOCK", "FAIL") else ""
+        rows.append(Text(f"  {reason}", style=style))
+    return rows
+
+
+def _closing_lines(result: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> list[Text]:
+    """The alarms (yellow) and the links ((label, url) pairs) that end every table."""
+    rows = [Text(f"  alarm: {alarm}", style="yellow") for alarm in result.get("alarms") or []]
+    rows += [Text.assemble(f"{label}: ", (url, "bright_blue")) for label, url in links]
+    return rows
+
+
 def summary_table(summary: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> Group:
     """The closing summary of a pipeline run: toxicity / ROUGE-L / KL before and after (with the change's 95%
     CI), the gate's rows (PASS green, BLOCK red), the registered version and its decision, and ``links``
     ((label, url) pairs)."""
-    decision = str(summary.get("decision", ""))
-    colour = "green" if decision.startswith("promot") else "red" if decision.startswith("reject") else "yellow"
     model = summary.get("registered_model") or ""
     version = summary.get("version")
-    title = Text.assemble((f"{model} v{version}" if version else model or "run", "bold"), ": ",
-                         (decision or "no decision", f"bold {colour}"))
-    table = Table(box=None, pad_edge=False, title=title, title_justify="left", header_style="bold")
-    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    ci = summary.get("relative_change_ci") or (None, None)
-    change = _pct(summary.get("relative_change"))
-    if ci[0] is not None:
-        change += f" (95% CI {_pct(ci[0])} … {_pct(ci[1])})"
-    table.add_row("toxicity", _num(summary.get("toxicity_before")), _num(summary.get("toxicity_after")), change)
+    table = _before_after(_title(f"{model} v{version}" if version else model or "run", str(summary.get("decision", ""))))
+    _toxicity_row(table, summary)
     rb, ra = summary.get("rouge_l_before"), summary.get("rouge_l_after")
-    rel = (ra - rb) / rb if rb and ra is not None else None
-    table.add_row("ROUGE-L", _num(rb, 3), _num(ra, 3), _pct(rel))
+    table.add_row("ROUGE-L", _num(rb, 3), _num(ra, 3), _pct(_rel(rb, ra)))
     table.add_row("KL (nats)", "", _num(summary.get("kl"), 2), "")
-    rows: list[Any] = [table]
-    for reason in summary.get("reasons") or []:
-        verdict = reason.split(" ", 1)[0]  # the gate's rows: PASS, or BLOCK (a rule the version failed)
-        style = "green" if verdict == "PASS" else "red" if verdict in ("BLOCK", "FAIL") else ""
-        rows.append(Text(f"  {reason}", style=style))
-    for alarm in summary.get("alarms") or []:
-        rows.append(Text(f"  alarm: {alarm}", style="yellow"))
-    for label, url in links:
-        rows.append(Text.assemble(f"{label}: ", (url, "bright_blue")))
-    return Group(*rows)
+    return Group(table, *_gate_lines(summary.get("reasons") or []), *_closing_lines(summary, links))
+
+
+def train_table(result: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> Group:
+    """``detoxflow train``'s closing table: the run, the steps done, the training summary (``train/*``: the mean
+    over the last fifth of the steps of the score, the toxicity of the training samples and the KL to the
+    reference; the KL coefficient at the last step), the model URI and ``links``."""
+    s = result.get("summary") or {}
+    table = Table(box=None, pad_edge=False, show_header=False, header_style="bold",
+                  title=Text.assemble(("train run ", "bold"), (str(result.get("run_id", "")), "bold")),
+                  title_justify="left")
+    table.add_column("", justify="left")
+    table.add_column("", justify="right")
+    table.add_row("steps done", str(result.get("steps", "")))
+    table.add_row("score (last fifth)", _num(s.get("train/scores_mean")))
+    table.add_row("toxicity of training samples (last fifth)", _num(s.get("train/toxicity_mean")))
+    table.add_row("KL to the reference, nats (last fifth)", _num(s.get("train/kl_mean"), 3))
+    table.add_row("KL coefficient (last step)", _num(s.get("train/kl_coef"), 4))
+    return Group(table, Text.assemble("model: ", (str(result.get("model_uri", "")), "bold")),
+                 *_closing_lines(result, links))
+
+
+def evaluate_table(result: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> Group:
+    """``detoxflow evaluate``'s closing table: toxicity (with the change's 95% CI), expected maximum toxicity,
+    ROUGE-L and length before (the baseline) and after (the model), the alarms and ``links``. (Evaluation
+    measures no KL: a training run or a registered version carries it.)"""
+    before, after = result.get("baseline_metrics") or {}, result.get("metrics") or {}
+    title = Text.assemble(("evaluate ", "bold"), (str(result.get("model_uri", "")), "bold"),
+                          f" on {result.get('n_eval', '?')} held-out prompts")  # a line: the URI is wider than the table
+    table = _before_after()
+    _toxicity_row(table, result)
+    for label, key, digits in (("expected max toxicity", "eval/expected_max_toxicity", 4),
+                               ("ROUGE-L", "eval/rouge_l", 3), ("length (tokens)", "eval/length_mean", 1)):
+        b, a = before.get(key), after.get(key)
+        table.add_row(label, _num(b, digits), _num(a, digits), _pct(_rel(b, a)))
+    return Group(title, table, *_closing_lines(result, links))
+
+
+def promote_table(result: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> Group:
+    """``detoxflow promote``'s closing table: the version and the gate's decision (promoted green, rejected red),
+    toxicity before / after, one row per rule (PASS green, BLOCK red), the version's aliases and where
+    ``champion`` was and is, the alarms and ``links``."""
+    version = result.get("version")
+    decision = str(result.get("decision", ""))
+    table = _before_after(_title(f"{result.get('registered_model', '')} v{version}", decision))
+    _toxicity_row(table, result)
+    aliases = ", ".join(result.get("aliases") or []) or "none"
+    before, after = (f"v{v}" if v else "none" for v in (result.get("champion_before"), result.get("champion_after")))
+    moved = f"champion: {before} -> {after}"
+    return Group(table, *_gate_lines(result.get("reasons") or []), Text(f"aliases of v{version}: {aliases}; {moved}"),
+                 *_closing_lines(result, links))
 
 
 def mlflow_ui_url(host: str = "127.0.0.1", port: int = 5000) -> str:
@@ -232,8 +310,10 @@ def prefect_ui_url(env: Mapping[str, str]) -> str | None:
     return api[: -len("/api")] if api.endswith("/api") else api
 
 
-def print_summary(console: Console, summary: Mapping[str, Any], links: Sequence[tuple[str, str]]) -> None:
-    console.print(summary_table(summary, links), highlight=False, soft_wrap=True)
+def print_table(console: Console, table: Group) -> None:
+    """Print a closing table (:func:`summary_table`, :func:`train_table`, :func:`evaluate_table`,
+    :func:`promote_table`)."""
+    console.print(table, highlight=False, soft_wrap=True)
 
 
 def print_data_inspection(out: Console, data_cfg: DataConfig, show: int) -> None:

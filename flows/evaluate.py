@@ -20,7 +20,8 @@ def evaluate_flow(cfg: Config | ConfigFile, model_uri: str) -> dict[str, Any]:
     """Prepare data and baseline (cached), evaluate ``model_uri`` with the same prompts and settings.
 
     ``cfg``: a Config, or a :class:`~detoxflow.tasks.config_source.ConfigFile` read now (the deployments).
-    Returns the model's metrics, the before/after comparison, the alarms and the stage timings."""
+    Returns the model's metrics and the baseline's, the before/after comparison, the alarms, the stage timings
+    and where the flow's MLflow run lives (``mlflow``)."""
     t0 = time.perf_counter()
     cfg, source = resolve_config(cfg)
     timings: dict[str, float] = {}
@@ -37,8 +38,11 @@ def evaluate_flow(cfg: Config | ConfigFile, model_uri: str) -> dict[str, Any]:
         "model_uri": model_uri,
         **toxicity_outcome(evaluation, baseline["metrics"]),
         "metrics": evaluation["metrics"],
+        "baseline_metrics": baseline["metrics"],
+        "n_eval": data["n_eval"],
         "eval_digest": data["eval_digest"],
         "mlflow_run_id": parent_id,
+        "mlflow": rec.mlflow_info(),
         "timings": timings,
         "cached": cached,
     }

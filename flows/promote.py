@@ -11,7 +11,7 @@ from detoxflow.config import Config
 from detoxflow.flows.common import prepare_and_baseline
 from detoxflow.tasks.config_source import ConfigFile, record_config, resolve_config
 from detoxflow.tasks.evaluation import evaluate_aligned
-from detoxflow.tasks.registry import gate_and_promote, version_to_gate
+from detoxflow.tasks.registry import gate_and_promote, version_aliases, version_to_gate
 from detoxflow.tasks.reporting import toxicity_outcome
 from detoxflow.tasks.stages import Stage, flow_run_record
 
@@ -42,11 +42,12 @@ def promote_flow(cfg: Config | ConfigFile, model_uri: str) -> dict[str, Any]:
     tox = toxicity_outcome(evaluation, baseline["metrics"])
     return {
         **gate,
+        "registered_model": registered["name"],
+        "aliases": version_aliases(registered["name"], version),
         "model_uri": uri,
-        "toxicity_before": tox["toxicity_before"],
-        "toxicity_after": tox["toxicity_after"],
-        "alarms": tox["alarms"],
+        **tox,
         "mlflow_run_id": parent_id,
+        "mlflow": rec.mlflow_info(),
         "timings": timings,
         "cached": cached,
     }

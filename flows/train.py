@@ -13,6 +13,7 @@ from prefect import flow
 
 from detoxflow.config import Config
 from detoxflow.tasks.config_source import ConfigFile, record_config, resolve_config
+from detoxflow.tasks.stages import mlflow_info
 from detoxflow.tasks.training import log_train_result, train_ppo, train_run
 
 
@@ -24,7 +25,8 @@ def train_flow(
     resume_run_id: str | None = None,
     resume_key: str | None = None,
 ) -> dict[str, Any]:
-    """Train and log the model to MLflow; returns small values (run id, ``runs:/`` model URI, summary).
+    """Train and log the model to MLflow; returns small values (run id, ``runs:/`` model URI, summary, and
+    ``mlflow``: where the training run lives).
 
     ``parent_run_id``: the pipeline's MLflow run; training then logs to a ``train`` child run of it (resuming
     an unfinished one on retry), and its checkpoints are keyed by the pipeline run. Without it, training gets
@@ -36,7 +38,8 @@ def train_flow(
     cfg, source = resolve_config(cfg)
     with train_run(cfg, parent_run_id, resume_run_id=resume_run_id, resume_key=resume_key) as run_id:
         record_config(cfg, source, run_id)
-        result = train_ppo(cfg, run_id, parent_run_id or run_id, expected_train_digest)
+        result = {**train_ppo(cfg, run_id, parent_run_id or run_id, expected_train_digest),
+                  "mlflow": mlflow_info(cfg, run_id)}
         # Team mode: the pipeline on another machine reads this back (Prefect results may not be shared).
         log_train_result(result, run_id)
     return result

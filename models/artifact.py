@@ -135,7 +135,7 @@ def save_artifact(policy: Policy, path: str | os.PathLike[str], extra: dict[str,
     dest = Path(path)
     with atomic_dir(dest) as tmp:
         policy.model.save_pretrained(str(tmp / "adapter"))
-        _portable_base_ref(tmp / "adapter", policy.base_source)
+        portable_base_ref(tmp / "adapter", policy.base_source)
         torch.save({k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()}, tmp / "value_head.pt")
         policy.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         base_meta: dict[str, Any]
@@ -146,7 +146,7 @@ def save_artifact(policy: Policy, path: str | os.PathLike[str], extra: dict[str,
             base_meta = {"hub_id": policy.base_source["hub_id"], "revision": policy.base_source.get("revision")}
         if policy.sft_adapter:
             shutil.copytree(policy.sft_adapter, tmp / "sft_adapter", ignore=shutil.ignore_patterns(".*"))
-            _portable_base_ref(tmp / "sft_adapter", policy.base_source)
+            portable_base_ref(tmp / "sft_adapter", policy.base_source)
         dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
         meta = {"arch": "seq2seq" if policy.is_seq2seq else "causal", "base": base_meta, "dtype": dtype,
                 "lora": policy.lora_settings, **(extra or {})}
@@ -154,7 +154,7 @@ def save_artifact(policy: Policy, path: str | os.PathLike[str], extra: dict[str,
     return dest
 
 
-def _portable_base_ref(adapter_dir: Path, base_source: dict[str, Any]) -> None:
+def portable_base_ref(adapter_dir: Path, base_source: dict[str, Any]) -> None:
     """Name the base in ``adapter_config.json`` portably: PEFT writes the base's absolute path on this machine;
     a local base is the artifact's own ``base/`` (``../base`` from the adapter folder), a hub base its id."""
     config = adapter_dir / "adapter_config.json"

@@ -140,6 +140,11 @@ def version_to_gate(cfg: Config, model_uri: str) -> tuple[dict[str, Any], dict[s
     return {"name": name, "version": version, "uri": info.uri}, train
 
 
+def version_aliases(name: str, version: str) -> list[str]:
+    """The aliases that point at ``name`` version ``version`` now (after a gate: ``champion`` when promoted)."""
+    return sorted(tracking.get_version(name, version).aliases)
+
+
 def champion_version(cfg: Config) -> str | None:
     """The version the ``champion`` alias of the config's registered model points at, or None."""
     champion = tracking.get_alias(cfg.registered_model_name, tracking.CHAMPION)

@@ -37,6 +37,13 @@ def prefect_flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
+def mlflow_info(cfg: Config, run_id: str, experiment_id: str | None = None, **extra: str) -> dict[str, str]:
+    """Where a flow's MLflow run lives, for the flow's result (the CLI links to it): ``tracking_uri``,
+    ``experiment_id`` (the config's experiment unless given) and ``parent_run_id`` (the run), plus ``extra``."""
+    exp = experiment_id if experiment_id is not None else tracking.setup(cfg)
+    return {"tracking_uri": tracking.tracking_uri(cfg), "experiment_id": exp, "parent_run_id": run_id, **extra}
+
+
 @dataclass(frozen=True)
 class FlowRunRecord:
     """The flow's MLflow parent run as the flow sees it: its ids, and where its outcome goes."""
@@ -47,8 +54,7 @@ class FlowRunRecord:
 
     def mlflow_info(self, **extra: str) -> dict[str, str]:
         """Where the run lives, for the flow's result: tracking URI, experiment and parent run ids (+ ``extra``)."""
-        return {"tracking_uri": tracking.tracking_uri(self.cfg), "experiment_id": self.experiment_id,
-                "parent_run_id": self.run_id, **extra}
+        return mlflow_info(self.cfg, self.run_id, self.experiment_id, **extra)
 
     def record_outcome(self, result: Mapping[str, Any], artifact_file: str, timings: Mapping[str, float]) -> None:
         """The flow's result as the JSON artifact ``artifact_file``, the stage timings as ``time/<stage>_s`` and

@@ -92,7 +92,7 @@ SUMMARY = {
 def test_summary_table_figures_colours_and_links() -> None:
     buf = io.StringIO()
     console = Console(file=buf, width=160, force_terminal=True, color_system="standard")
-    terminal.print_summary(console, SUMMARY, terminal.run_links(SUMMARY, env={}))
+    terminal.print_table(console, terminal.summary_table(SUMMARY, terminal.run_links(SUMMARY, env={})))
     text = buf.getvalue()
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     # (0.13714 - 0.37444) / 0.37444 = -63.4%; (0.76297 - 0.79815) / 0.79815 = -4.4%
@@ -104,6 +104,69 @@ def test_summary_table_figures_colours_and_links() -> None:
     team = {**SUMMARY, "mlflow": {**SUMMARY["mlflow"], "tracking_uri": "http://mlflow.lab:5000/"}}
     assert terminal.run_links(team, env={"PREFECT_API_URL": "http://prefect.lab:4200/api"}) == [
         ("MLflow run", "http://mlflow.lab:5000/#/experiments/4/runs/r1"), ("Prefect UI", "http://prefect.lab:4200")]
+
+
+def _render(table) -> tuple[str, str]:
+    """(the ANSI text, the plain text) of a closing table printed on a 160-column colour terminal."""
+    buf = io.StringIO()
+    terminal.print_table(Console(file=buf, width=160, force_terminal=True, color_system="standard"), table)
+    return buf.getvalue(), re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())
+
+
+LOCAL = {"tracking_uri": "sqlite:////h/mlflow.db", "experiment_id": "4"}
+
+
+def test_train_table_shows_the_training_summary_model_and_link() -> None:
+    result = {"run_id": "a1b2", "model_uri": "runs:/a1b2/model", "steps": 25, "artifact_dir": "/x",
+              "summary": {"train/steps": 25.0, "train/kl_mean": 2.71828, "train/scores_mean": 0.61234,
+                          "train/toxicity_mean": 0.18761, "train/kl_coef": 0.05},
+              "mlflow": {**LOCAL, "parent_run_id": "a1b2"}}
+    _, plain = _render(terminal.train_table(result, terminal.run_links(result, env={})))
+    assert "train run a1b2" in plain
+    for label, value in (("steps done", "25"), ("score", "0.6123"), ("toxicity of training samples", "0.1876"),
+                         ("KL to the reference", "2.718"), ("KL coefficient", "0.0500")):
+        assert re.search(rf"^{label}.*\s{re.escape(value)}\s*$", plain, re.M), (label, plain)
+    assert "model: runs:/a1b2/model" in plain
+    assert "http://127.0.0.1:5000/#/experiments/4/runs/a1b2" in plain
+
+
+def test_evaluate_table_shows_before_after_with_ci_quality_and_alarms() -> None:
+    result = {"model_uri": "models:/detoxflow-default/3", "toxicity_before": 0.37444, "toxicity_after": 0.13714,
+              "relative_change": -0.63375, "relative_change_ci": [-0.76980, -0.47861], "n_eval": 64,
+              "alarms": ["length: responses 25% shorter"],
+              "metrics": {"eval/toxicity_mean": 0.13714, "eval/expected_max_toxicity": 0.3, "eval/rouge_l": 0.76297,
+                          "eval/length_mean": 30.0},
+              "baseline_metrics": {"eval/toxicity_mean": 0.37444, "eval/expected_max_toxicity": 0.5,
+                                   "eval/rouge_l": 0.79815, "eval/length_mean": 40.0},
+              "mlflow": {**LOCAL, "parent_run_id": "e9"}}
+    text, plain = _render(terminal.evaluate_table(result, terminal.run_links(result, env={})))
+    assert "evaluate models:/detoxflow-default/3 on 64 held-out prompts" in plain
+    assert re.search(r"toxicity\s+0\.3744\s+0\.1371\s+-63\.4% \(95% CI -77\.0% … -47\.9%\)", plain), plain
+    # (0.3 - 0.5) / 0.5 = -40%; (0.76297 - 0.79815) / 0.79815 = -4.4%; (30 - 40) / 40 = -25%
+    assert re.search(r"expected max toxicity\s+0\.5000\s+0\.3000\s+-40\.0%", plain), plain
+    assert re.search(r"ROUGE-L\s+0\.798\s+0\.763\s+-4\.4%", plain), plain
+    assert re.search(r"length \(tokens\)\s+40\.0\s+30\.0\s+-25\.0%", plain), plain
+    assert "\x1b[33m  alarm: length: responses 25% shorter" in text  # yellow
+    assert "http://127.0.0.1:5000/#/experiments/4/runs/e9" in plain
+
+
+def test_promote_table_colours_the_decision_and_each_rule_and_names_the_aliases() -> None:
+    reasons = ["PASS toxicity vs baseline: 0.3744 -> 0.1371 (-63.4%)", "BLOCK KL: 14.1 nats, allowed at most 12"]
+    result = {"promote": False, "decision": "rejected", "reasons": reasons, "version": "4",
+              "champion_before": "2", "champion_after": "2", "registered_model": "detoxflow-default",
+              "aliases": ["challenger"], "toxicity_before": 0.37444, "toxicity_after": 0.13714,
+              "relative_change": -0.63375, "relative_change_ci": [-0.76980, -0.47861], "alarms": [],
+              "mlflow": {**LOCAL, "parent_run_id": "p7"}}
+    text, plain = _render(terminal.promote_table(result, terminal.run_links(result, env={})))
+    assert "detoxflow-default v4: rejected" in plain and "\x1b[1;31mrejected" in text  # bold red
+    assert "\x1b[32m  PASS toxicity vs baseline" in text and "\x1b[31m  BLOCK KL: 14.1 nats" in text
+    assert "aliases of v4: challenger; champion: v2 -> v2" in plain
+    assert re.search(r"toxicity\s+0\.3744\s+0\.1371\s+-63\.4%", plain), plain
+    promoted = {**result, "decision": "promoted", "promote": True, "champion_before": None, "champion_after": "4",
+                "aliases": ["challenger", "champion"], "reasons": reasons[:1]}
+    text, plain = _render(terminal.promote_table(promoted, []))
+    assert "\x1b[1;32mpromoted" in text  # bold green
+    assert "aliases of v4: challenger, champion; champion: none -> v4" in plain
 
 
 def test_sweep_headline_reads_as_a_change() -> None:
@@ -218,3 +281,99 @@ def test_default_run_prints_a_table_in_at_most_25_lines(tmp_path: Path, prefect_
     finally:
         proc_ui.send_signal(signal.SIGINT)
         proc_ui.wait(timeout=30)
+
+
+def _invoke(*args: str):
+    """``detoxflow ARGS`` in this process (no interpreter start-up per command); the console handler it adds is
+    taken off again."""
+    from typer.testing import CliRunner
+
+    from detoxflow.cli import app
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def _row(label: str, *values: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(label)}\s+" + r"\s+".join(re.escape(v) for v in values) + r"(\s|$)", re.M)
+
+
+@pytest.mark.slow
+def test_train_evaluate_promote_print_a_table_and_json_only_with_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness
+) -> None:
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    from detoxflow import tracking
+    from detoxflow.config import load_config
+
+    home = tmp_path / "home"
+    for var in ("MLFLOW_TRACKING_URI", "DETOXFLOW_WORK_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DETOXFLOW_HOME", str(home))
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+    monkeypatch.chdir(tmp_path)
+    sets = [a for s in SMALL for a in ("--set", s)]
+    store = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+    def no_json(text: str) -> None:
+        assert not text.lstrip().startswith(("{", "[")) and '"toxicity_before":' not in text, text
+
+    # train: the table's figures are the run's own result, as the run recorded it in MLflow
+    train = _invoke("train", *sets)
+    assert train.exit_code == 0, train.stderr[-3000:] + repr(train.exception)
+    no_json(train.stdout)
+    (run,) = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    run_id = run.info.run_id
+    result = json.loads(Path(store.download_artifacts(run_id, "train/result.json", str(tmp_path))).read_text())
+    s = result["summary"]
+    assert f"train run {run_id}" in train.stdout
+    assert _row("steps done", str(result["steps"])).search(train.stdout), train.stdout
+    assert _row("score (last fifth)", f"{s['train/scores_mean']:.4f}").search(train.stdout), train.stdout
+    assert _row("toxicity of training samples (last fifth)", f"{s['train/toxicity_mean']:.4f}").search(train.stdout)
+    assert _row("KL to the reference, nats (last fifth)", f"{s['train/kl_mean']:.3f}").search(train.stdout)
+    assert f"model: runs:/{run_id}/model" in train.stdout
+    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}" in train.stdout.replace("\n", "")
+
+    # evaluate: --json parses, and the table shows the same figures
+    model = f"runs:/{run_id}/model"
+    as_json = _invoke("evaluate", "--model", model, *sets, "--json")
+    assert as_json.exit_code == 0, as_json.stderr[-3000:] + repr(as_json.exception)
+    ev = json.loads(as_json.stdout)
+    table = _invoke("evaluate", "--model", model, *sets)
+    assert table.exit_code == 0, table.stderr[-3000:] + repr(table.exception)
+    no_json(table.stdout)
+    before, after = ev["baseline_metrics"], ev["metrics"]
+    rel = (ev["toxicity_after"] - ev["toxicity_before"]) / ev["toxicity_before"]
+    assert ev["toxicity_before"] == before["eval/toxicity_mean"] and ev["relative_change"] == pytest.approx(rel)
+    assert _row("toxicity", f"{ev['toxicity_before']:.4f}", f"{ev['toxicity_after']:.4f}",
+                f"{ev['relative_change'] * 100:+.1f}%").search(table.stdout), table.stdout
+    assert _row("ROUGE-L", f"{before['eval/rouge_l']:.3f}", f"{after['eval/rouge_l']:.3f}").search(table.stdout)
+    assert _row("length (tokens)", f"{before['eval/length_mean']:.1f}", f"{after['eval/length_mean']:.1f}").search(
+        table.stdout), table.stdout
+
+    # promote: a version of that run, gated; --json and the table agree on the decision, rules and aliases
+    cfg = load_config(None, SMALL)
+    version = tracking.register_model(cfg, run_id, metrics=s)
+    uri = f"models:/{cfg.registered_model_name}/{version}"
+    as_json = _invoke("promote", "--model", uri, *sets, "--json")
+    assert as_json.exit_code == 0, as_json.stderr[-3000:] + repr(as_json.exception)
+    gate = json.loads(as_json.stdout)
+    table = _invoke("promote", "--model", uri, *sets)
+    assert table.exit_code == 0, table.stderr[-3000:] + repr(table.exception)
+    no_json(table.stdout)
+    assert gate["decision"] in ("promoted", "rejected") and gate["version"] == version
+    assert f"{cfg.registered_model_name} v{version}: {gate['decision']}" in table.stdout
+    registered = store.get_model_version(cfg.registered_model_name, version)
+    assert gate["aliases"] == sorted(registered.aliases) and "challenger" in gate["aliases"]
+    assert f"aliases of v{version}: {', '.join(gate['aliases'])}" in table.stdout
+    assert ("champion" in gate["aliases"]) == (gate["decision"] == "promoted")
+    for reason in gate["reasons"]:
+        assert reason.split(":")[0] in table.stdout
+    assert _row("toxicity", f"{gate['toxicity_before']:.4f}", f"{gate['toxicity_after']:.4f}").search(table.stdout)

@@ -212,7 +212,7 @@ def adapter(work: Path, run_id: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_killed_train_resumes_from_the_command_line(tmp_path, prefect_api):
     """Row 1: `detoxflow train` killed after step 3 (checkpoint step-2 on disk), then the same command again."""
-    straight = detoxflow("train", tmp_path / "straight", prefect_api)
+    straight = detoxflow("train", tmp_path / "straight", prefect_api, "--json")
     assert straight.returncode == 0, straight.stderr[-3000:]
     straight_id = json.loads(straight.stdout)["run_id"]
 
@@ -223,7 +223,7 @@ def test_killed_train_resumes_from_the_command_line(tmp_path, prefect_api):
     assert run.info.status == "RUNNING"
     assert sorted(m.step for m in store(work).get_metric_history(run.info.run_id, "objective/scores")) == [1, 2, 3]
 
-    again = detoxflow("train", work, prefect_api)
+    again = detoxflow("train", work, prefect_api, "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming run {run.info.run_id} from step 2 of 5" in again.stderr.splitlines()
     assert json.loads(again.stdout)["run_id"] == run.info.run_id
@@ -262,7 +262,7 @@ def test_alive_lease_lock_and_fresh(tmp_path, prefect_api):
     assert f"pid {os.getpid()}" in last and "this-host" in last and "r-123" in last
 
     store(work).set_tag(rid, TAG_LEASE_UNTIL, "1")  # the other machine died: its lease ran out long ago
-    fresh = detoxflow("train", work, prefect_api, "--fresh")
+    fresh = detoxflow("train", work, prefect_api, "--fresh", "--json")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming" not in fresh.stderr
     runs = {r.info.run_id: r for r in all_runs(work)}

@@ -15,7 +15,9 @@ It hands out no MLflow client: callers (tasks, the CLI) use the named functions 
 - :mod:`~detoxflow.tracking.pyfunc`: the policy as an MLflow pyfunc model (logged through the logged-model API,
   its metrics, its model card);
 - :mod:`~detoxflow.tracking.store`: model URIs to local folders (fetch into the cache), to a ``Policy`` and to
-  the pyfunc model ``detoxflow generate`` calls.
+  the pyfunc model ``detoxflow generate`` calls;
+- :mod:`~detoxflow.tracking.migrate`: versions registered before the policy was an MLflow model re-registered
+  as pyfunc models, their aliases moved (``detoxflow registry migrate``).
 """
 
 from detoxflow.locks import gate_lock
@@ -57,6 +59,7 @@ from detoxflow.tracking.backend import (
     setup,
 )
 from detoxflow.tracking.lineage import git_state, lineage_tags, log_split, model_ids, run_tags
+from detoxflow.tracking.migrate import TAG_MIGRATED_FROM, Migration, migrate_registry, migration_report
 from detoxflow.tracking.pyfunc import PolicyModel, model_card, write_model_card
 from detoxflow.tracking.registry import (
     VersionInfo,
@@ -95,7 +98,14 @@ from detoxflow.tracking.runs import (
     run_url,
     unfinished_runs,
 )
-from detoxflow.tracking.store import fetch_model, load_generator, load_model, model_cache_dir, resolve_model_uri
+from detoxflow.tracking.store import (
+    fetch_model,
+    load_generator,
+    load_model,
+    model_cache_dir,
+    resolve_model_uri,
+    use_store,
+)
 
 __all__ = [
     "TAG_ABANDONED", "TAG_LEASE_HOLDER", "TAG_LEASE_UNTIL", "TAG_RESUME_KEY", "Heartbeat", "ResumeError",
@@ -112,4 +122,5 @@ __all__ = [
     "tracking_uri", "untag_version",
     "PolicyModel", "describe_version", "load_generator", "model_card", "version_metrics", "write_model_card",
     "EXPERIMENT_KIND", "TAG_EXPERIMENT_KIND",
+    "TAG_MIGRATED_FROM", "Migration", "migrate_registry", "migration_report", "use_store",
 ]

@@ -102,22 +102,29 @@ def model_cache_dir() -> Path:
     return paths.cache_dir() / "models"
 
 
+def use_store(tracking_uri: str | None = None, what: str = "the registry") -> str:
+    """Point MLflow at ``tracking_uri``, else at ``$MLFLOW_TRACKING_URI`` (or a URI already set), else at the
+    home's local store, the one a local ``detoxflow run`` writes to; returns the URI. Reading creates nothing: a
+    local store that does not exist raises TrackingError, its message starting with ``what``."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
+        default = paths.tracking_uri(None, create=False)
+        db = sqlite_path(default)
+        if db is not None and not db.is_file():
+            raise TrackingError(f"{what}: no tracking store here ({db} does not exist). Run the pipeline "
+                                "first, or set MLFLOW_TRACKING_URI to the store that holds the registry")
+        mlflow.set_tracking_uri(default)
+    return str(mlflow.get_tracking_uri())
+
+
 def fetch_model(uri: str, tracking_uri: str | None = None) -> Path:
     """The local directory of a model (an MLflow model, or an artifact folder logged before the policy was one),
     downloading it through the tracking server when needed."""
     path = Path(uri)
     if path.is_dir():
         return path
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    elif not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
-        # the same default store a local `detoxflow run` writes to; reading it creates nothing
-        default = paths.tracking_uri(None, create=False)
-        db = sqlite_path(default)
-        if db is not None and not db.is_file():
-            raise TrackingError(f"model '{uri}': no tracking store here ({db} does not exist). Run the pipeline "
-                                "first, or set MLFLOW_TRACKING_URI to the store that holds the registry")
-        mlflow.set_tracking_uri(default)
+    use_store(tracking_uri, f"model '{uri}'")
     store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:12]
     logged = _LOGGED_MODEL_URI.match(uri)
     if logged:
