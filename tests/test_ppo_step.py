@@ -19,6 +19,7 @@ from test_trainer import PROMPTS, WordScorer, fresh_policy, make_cfg
 from detoxflow.models import trainer as T
 
 GAMMA, LAM, COEF, TARGET, HORIZON, VF, ENT, LR = 0.9, 0.8, 0.3, 0.5, 40, 0.25, 0.05, 0.1
+PENALTY, MIN_LEN = 0.1, 6  # the length guard: every response is at most 6 tokens (make_cfg), so it can fire
 
 
 def naive_gae(rewards: list[float], values: list[float]) -> list[float]:
@@ -35,7 +36,8 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     cfg = make_cfg(tiny_models, "t5", f"ppo.gamma={GAMMA}", f"ppo.lam={LAM}", f"ppo.kl.init_coef={COEF}",
                    f"ppo.kl.target={TARGET}", f"ppo.kl.horizon={HORIZON}", f"ppo.vf_coef={VF}", f"ppo.ent_coef={ENT}",
                    "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2",
-                   "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "generation.min_new_tokens=0", "lora.dropout=0.0")
+                   "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "generation.min_new_tokens=0", "lora.dropout=0.0",
+                   f"ppo.length_penalty={PENALTY}", f"ppo.min_length={MIN_LEN}")
     policy = fresh_policy(cfg)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # a moved adapter: policy and reference differ, so the KL terms are not 0
@@ -67,12 +69,16 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
 
     rm, old_lp, old_v, ref = seen["rm"], seen["old_lp"].double(), seen["old_v"].double(), seen["ref"].double()
     scores = scores_seen[0].scores.double().tolist()
-    adv_raw, ret_want, seq_kl, flat = [], [], [], []
+    adv_raw, ret_want, seq_kl, flat, short = [], [], [], [], 0
     for i in range(rm.shape[0]):
         n = int(rm[i].sum())
         k1 = [float(old_lp[i, t] - ref[i, t]) for t in range(n)]
         rewards = [-COEF * k for k in k1]
-        rewards[-1] += scores[i]
+        # the length guard counts the response's tokens without a final EOS (a truncated row has none)
+        content = n - int(int(seen["r"][i, n - 1]) == policy.eos_token_id)
+        missing = max(0, MIN_LEN - content)
+        short += missing > 0
+        rewards[-1] += scores[i] - PENALTY * missing
         vals = [float(old_v[i, t]) for t in range(n)]
         a = naive_gae(rewards, vals)
         adv_raw.append(a)
@@ -91,6 +97,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     mean_kl = sum(seq_kl) / len(seq_kl)
     assert metrics["objective/kl"] == pytest.approx(mean_kl, abs=1e-5)
     assert metrics["objective/kl_coef"] == COEF
+    assert metrics["env/length_penalty_rows"] == pytest.approx(short / rm.shape[0])
     err = min(max(mean_kl / TARGET - 1.0, -0.2), 0.2)
     assert kl_ctl.value == pytest.approx(COEF * (1 + err * 4 / HORIZON), rel=1e-6)
     assert metrics["objective/rlhf_reward"] == pytest.approx(sum(s - COEF * k for s, k in zip(scores, seq_kl)) / 4,
@@ -121,3 +128,41 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     for w0, gr, got in zip(seen["w0"], grads, w1, strict=True):
         torch.testing.assert_close(got, w0 - LR * gr, rtol=0.0, atol=1e-6)
     assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["policy/updates"] == 1.0
+
+
+def test_early_stop_reads_the_mean_approx_kl_of_a_mini_batch(tiny_models) -> None:
+    """With gradient accumulation, the early-stop test compares the mini-batch's approx-KL - the mean over its
+    micro-batches, computed here from the micro-batches' own figures - with ``ppo.target_approx_kl``: a target
+    above that mean lets the step finish, one below it stops the step after that mini-batch."""
+    torch.set_num_threads(1)
+
+    def one_step(target: float | None) -> tuple[dict, list[float]]:
+        cfg = make_cfg(tiny_models, "t5", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+                       "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1", "generation.min_new_tokens=0",
+                       "lora.dropout=0.0", f"ppo.target_approx_kl={'null' if target is None else target}")
+        policy = fresh_policy(cfg)
+        seen: list[float] = []
+        real_loss = T.P.ppo_policy_loss
+
+        def loss_spy(*a, **k):
+            loss, pg = real_loss(*a, **k)
+            seen.append(float(pg["approxkl"]))
+            return loss, pg
+
+        T.P.ppo_policy_loss = loss_spy
+        try:
+            opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)  # a big step: the second mini-batch moves
+            metrics = T.ppo_step(cfg, policy, WordScorer(), PROMPTS, 1, opt, T.make_kl_controller(cfg.ppo.kl), None)
+        finally:
+            T.P.ppo_policy_loss = real_loss
+        return metrics, seen
+
+    free, micro = one_step(None)
+    assert len(micro) == 4 and free["policy/updates"] == 2 and free["policy/early_stop"] == 0
+    second = (micro[2] + micro[3]) / 2  # the second mini-batch's approx-KL (the first is 0: ratio 1)
+    assert max(micro[:2]) < 1e-10 and second > 1e-6
+    above, _ = one_step(1.5 * second)
+    assert above["policy/early_stop"] == 0 and above["policy/updates"] == 2
+    below, seen_below = one_step(0.75 * second)
+    assert below["policy/early_stop"] == 1 and below["policy/updates"] == 2
+    assert seen_below == pytest.approx(micro, rel=1e-6)  # the same step up to the stop: the same rollout
