@@ -281,6 +281,13 @@ def test_masked_stats_by_hand() -> None:
     torch.testing.assert_close(w2, torch.tensor([[-1.5 * s + 2.5, -0.5 * s + 2.5, 0.0], [0.5 * s + 2.5, 1.5 * s + 2.5, 0.0]]))
 
 
+def test_masked_mean_of_one_token_and_of_none() -> None:
+    x = torch.tensor([[3.0, 5.0, 7.0], [2.0, 4.0, 6.0]])
+    mask = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    assert ppo.masked_mean(x, mask, dim=1).tolist() == [5.0, 0.0]  # one token: its value; none: 0, not NaN
+    assert ppo.masked_mean(x, mask).item() == 5.0
+
+
 def test_last_token_index_and_shape_checks_by_hand() -> None:
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0]])
     assert ppo.last_token_index(mask).tolist() == [1, 3, 2, 2]

@@ -10,6 +10,8 @@ command (tests/mutation/cosmic-ray.toml): seconds, and sensitive to every term.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,22 @@ def naive_gae(rewards: list[float], values: list[float]) -> list[float]:
         last = rewards[t] + GAMMA * nxt - values[t] + GAMMA * LAM * last
         adv[t] = last
     return adv
+
+
+def cut_first_row(policy) -> None:
+    """The policy's rollouts cut row 0 two tokens short (no EOS): every batch has padding, so every mask matters."""
+    real_rollout = policy.rollout
+
+    def rollout(*a, **k):
+        roll = real_rollout(*a, **k)
+        keep = roll.response_mask.clone()
+        n0 = int(keep[0].sum())
+        keep[0, n0 - 2 :] = 0
+        ids = torch.where(keep.bool(), roll.response_ids, torch.full_like(roll.response_ids, policy.pad_token_id))
+        return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=roll.logprobs * keep,
+                                   values=roll.values * keep, entropy=roll.entropy * keep)
+
+    policy.rollout = rollout
 
 
 def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
@@ -56,6 +74,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
         seen["w0"] = [p.detach().clone() for p in policy_.trainable_parameters()]
         return real_update(cfg_, policy_, opt, step, q, qm, r, rm, old_lp, old_v, adv, ret, *rest, **kw)
 
+    cut_first_row(policy)
     monkeypatch.setattr(policy, "ref_logprobs", ref_spy)
     monkeypatch.setattr(T, "ppo_update", update_spy)
     scorer = WordScorer()
@@ -133,14 +152,18 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
 def test_early_stop_reads_the_mean_approx_kl_of_a_mini_batch(tiny_models) -> None:
     """With gradient accumulation, the early-stop test compares the mini-batch's approx-KL - the mean over its
     micro-batches, computed here from the micro-batches' own figures - with ``ppo.target_approx_kl``: a target
-    above that mean lets the step finish, one below it stops the step after that mini-batch."""
+    above that mean lets the step finish, one below it stops the step after that mini-batch. On the way: with
+    EOS banned for the first token (``min_new_tokens`` 1), the first mini-batch's ratio is exactly 1 (the training
+    forward scores under the rollout's filter), and ``objective/kl`` is the configured estimator (k3 here)."""
     torch.set_num_threads(1)
 
     def one_step(target: float | None) -> tuple[dict, list[float]]:
         cfg = make_cfg(tiny_models, "t5", "ppo.batch_size=4", "ppo.mini_batch_size=2",
-                       "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1", "generation.min_new_tokens=0",
-                       "lora.dropout=0.0", f"ppo.target_approx_kl={'null' if target is None else target}")
+                       "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1", "generation.min_new_tokens=1",
+                       "ppo.kl.estimator=k3", "lora.dropout=0.0",
+                       f"ppo.target_approx_kl={'null' if target is None else target}")
         policy = fresh_policy(cfg)
+        cut_first_row(policy)
         seen: list[float] = []
         real_loss = T.P.ppo_policy_loss
 
@@ -159,6 +182,8 @@ def test_early_stop_reads_the_mean_approx_kl_of_a_mini_batch(tiny_models) -> Non
 
     free, micro = one_step(None)
     assert len(micro) == 4 and free["policy/updates"] == 2 and free["policy/early_stop"] == 0
+    assert free["objective/kl"] == free["objective/kl_k3"] != free["objective/kl_k1"]
+    assert all(math.isfinite(free[k]) for k in ("objective/kl_k1", "objective/kl_k3", "objective/rlhf_reward"))
     second = (micro[2] + micro[3]) / 2  # the second mini-batch's approx-KL (the first is 0: ratio 1)
     assert max(micro[:2]) < 1e-10 and second > 1e-6
     above, _ = one_step(1.5 * second)
