@@ -281,15 +281,24 @@ def test_masked_stats_by_hand() -> None:
     torch.testing.assert_close(w2, torch.tensor([[-1.5 * s + 2.5, -0.5 * s + 2.5, 0.0], [0.5 * s + 2.5, 1.5 * s + 2.5, 0.0]]))
 
 
+def test_masked_mean_of_one_token_and_of_none() -> None:
+    x = torch.tensor([[3.0, 5.0, 7.0], [2.0, 4.0, 6.0]])
+    mask = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    assert ppo.masked_mean(x, mask, dim=1).tolist() == [5.0, 0.0]  # one token: its value; none: 0, not NaN
+    assert ppo.masked_mean(x, mask).item() == 5.0
+
+
 def test_last_token_index_and_shape_checks_by_hand() -> None:
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0], [1, 0, 1, 0]])
     assert ppo.last_token_index(mask).tolist() == [1, 3, 2, 2]
-    with pytest.raises(ValueError, match="disagree"):
-        ppo.logprobs_from_logits(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+    for labels_shape in ((2, 4), (2, 2), (3, 3)):  # longer, shorter, more rows: every mismatch is refused
+        with pytest.raises(ValueError, match="disagree"):
+            ppo.logprobs_from_logits(torch.zeros(2, 3, 5), torch.zeros(labels_shape, dtype=torch.long))
     with pytest.raises(ValueError, match=r"scores \(3,\) must be \(B,\) with B = 2$"):
         ppo.per_token_rewards(torch.ones(3), torch.zeros(2, 4), 0.1, torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="must all be"):
-        ppo.gae(torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3, dtype=torch.bool), 1.0, 1.0)
+    for values_shape, mask_shape in (((2, 2), (2, 3)), ((2, 3), (2, 4)), ((2, 3), (2, 2))):
+        with pytest.raises(ValueError, match="must all be"):
+            ppo.gae(torch.zeros(2, 3), torch.zeros(values_shape), torch.ones(mask_shape, dtype=torch.bool), 1.0, 1.0)
     # chunking: the last chunk may be shorter than chunk_size
     logits, labels = torch.randn(5, 2, 7), torch.randint(0, 7, (5, 2))
     torch.testing.assert_close(ppo.logprobs_from_logits(logits, labels, chunk_size=2), ppo.logprobs_from_logits(logits, labels))
@@ -327,7 +336,7 @@ def test_adaptive_kl_controller_by_hand() -> None:
     assert ctl.update(0.0, n_steps=5) == pytest.approx(0.5 * (1 - 0.2 * 5 / 10))  # error -1 clipped to -0.2
     with pytest.raises(ValueError, match="diverged"):
         ctl.update(float("nan"), 4)
-    for target, horizon in ((0.0, 10), (1.0, 0)):
+    for target, horizon in ((0.0, 10), (-1.0, 10), (1.0, 0), (1.0, -5)):
         with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
             ppo.AdaptiveKLController(0.1, target=target, horizon=horizon)
     assert ppo.AdaptiveKLController(0.1, target=1e-3, horizon=1).state_dict() == {"value": 0.1, "target": 1e-3, "horizon": 1}

@@ -10,6 +10,8 @@ command (tests/mutation/cosmic-ray.toml): seconds, and sensitive to every term.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from test_trainer import PROMPTS, WordScorer, fresh_policy, make_cfg
 from detoxflow.models import trainer as T
 
 GAMMA, LAM, COEF, TARGET, HORIZON, VF, ENT, LR = 0.9, 0.8, 0.3, 0.5, 40, 0.25, 0.05, 0.1
+PENALTY, MIN_LEN = 0.1, 6  # the length guard: every response is at most 6 tokens (make_cfg), so it can fire
 
 
 def naive_gae(rewards: list[float], values: list[float]) -> list[float]:
@@ -30,12 +33,29 @@ def naive_gae(rewards: list[float], values: list[float]) -> list[float]:
     return adv
 
 
+def cut_first_row(policy) -> None:
+    """The policy's rollouts cut row 0 two tokens short (no EOS): every batch has padding, so every mask matters."""
+    real_rollout = policy.rollout
+
+    def rollout(*a, **k):
+        roll = real_rollout(*a, **k)
+        keep = roll.response_mask.clone()
+        n0 = int(keep[0].sum())
+        keep[0, n0 - 2 :] = 0
+        ids = torch.where(keep.bool(), roll.response_ids, torch.full_like(roll.response_ids, policy.pad_token_id))
+        return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=roll.logprobs * keep,
+                                   values=roll.values * keep, entropy=roll.entropy * keep)
+
+    policy.rollout = rollout
+
+
 def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     cfg = make_cfg(tiny_models, "t5", f"ppo.gamma={GAMMA}", f"ppo.lam={LAM}", f"ppo.kl.init_coef={COEF}",
                    f"ppo.kl.target={TARGET}", f"ppo.kl.horizon={HORIZON}", f"ppo.vf_coef={VF}", f"ppo.ent_coef={ENT}",
                    "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.gradient_accumulation_steps=2",
-                   "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "generation.min_new_tokens=0", "lora.dropout=0.0")
+                   "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "generation.min_new_tokens=0", "lora.dropout=0.0",
+                   f"ppo.length_penalty={PENALTY}", f"ppo.min_length={MIN_LEN}")
     policy = fresh_policy(cfg)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # a moved adapter: policy and reference differ, so the KL terms are not 0
@@ -54,6 +74,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
         seen["w0"] = [p.detach().clone() for p in policy_.trainable_parameters()]
         return real_update(cfg_, policy_, opt, step, q, qm, r, rm, old_lp, old_v, adv, ret, *rest, **kw)
 
+    cut_first_row(policy)
     monkeypatch.setattr(policy, "ref_logprobs", ref_spy)
     monkeypatch.setattr(T, "ppo_update", update_spy)
     scorer = WordScorer()
@@ -67,12 +88,16 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
 
     rm, old_lp, old_v, ref = seen["rm"], seen["old_lp"].double(), seen["old_v"].double(), seen["ref"].double()
     scores = scores_seen[0].scores.double().tolist()
-    adv_raw, ret_want, seq_kl, flat = [], [], [], []
+    adv_raw, ret_want, seq_kl, flat, short = [], [], [], [], 0
     for i in range(rm.shape[0]):
         n = int(rm[i].sum())
         k1 = [float(old_lp[i, t] - ref[i, t]) for t in range(n)]
         rewards = [-COEF * k for k in k1]
-        rewards[-1] += scores[i]
+        # the length guard counts the response's tokens without a final EOS (a truncated row has none)
+        content = n - int(int(seen["r"][i, n - 1]) == policy.eos_token_id)
+        missing = max(0, MIN_LEN - content)
+        short += missing > 0
+        rewards[-1] += scores[i] - PENALTY * missing
         vals = [float(old_v[i, t]) for t in range(n)]
         a = naive_gae(rewards, vals)
         adv_raw.append(a)
@@ -91,6 +116,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     mean_kl = sum(seq_kl) / len(seq_kl)
     assert metrics["objective/kl"] == pytest.approx(mean_kl, abs=1e-5)
     assert metrics["objective/kl_coef"] == COEF
+    assert metrics["env/length_penalty_rows"] == pytest.approx(short / rm.shape[0])
     err = min(max(mean_kl / TARGET - 1.0, -0.2), 0.2)
     assert kl_ctl.value == pytest.approx(COEF * (1 + err * 4 / HORIZON), rel=1e-6)
     assert metrics["objective/rlhf_reward"] == pytest.approx(sum(s - COEF * k for s, k in zip(scores, seq_kl)) / 4,
@@ -121,3 +147,47 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     for w0, gr, got in zip(seen["w0"], grads, w1, strict=True):
         torch.testing.assert_close(got, w0 - LR * gr, rtol=0.0, atol=1e-6)
     assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["policy/updates"] == 1.0
+
+
+def test_early_stop_reads_the_mean_approx_kl_of_a_mini_batch(tiny_models) -> None:
+    """With gradient accumulation, the early-stop test compares the mini-batch's approx-KL - the mean over its
+    micro-batches, computed here from the micro-batches' own figures - with ``ppo.target_approx_kl``: a target
+    above that mean lets the step finish, one below it stops the step after that mini-batch. On the way: with
+    EOS banned for the first token (``min_new_tokens`` 1), the first mini-batch's ratio is exactly 1 (the training
+    forward scores under the rollout's filter), and ``objective/kl`` is the configured estimator (k3 here)."""
+    torch.set_num_threads(1)
+
+    def one_step(target: float | None) -> tuple[dict, list[float]]:
+        cfg = make_cfg(tiny_models, "t5", "ppo.batch_size=4", "ppo.mini_batch_size=2",
+                       "ppo.gradient_accumulation_steps=2", "ppo.ppo_epochs=1", "generation.min_new_tokens=1",
+                       "ppo.kl.estimator=k3", "lora.dropout=0.0",
+                       f"ppo.target_approx_kl={'null' if target is None else target}")
+        policy = fresh_policy(cfg)
+        cut_first_row(policy)
+        seen: list[float] = []
+        real_loss = T.P.ppo_policy_loss
+
+        def loss_spy(*a, **k):
+            loss, pg = real_loss(*a, **k)
+            seen.append(float(pg["approxkl"]))
+            return loss, pg
+
+        T.P.ppo_policy_loss = loss_spy
+        try:
+            opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)  # a big step: the second mini-batch moves
+            metrics = T.ppo_step(cfg, policy, WordScorer(), PROMPTS, 1, opt, T.make_kl_controller(cfg.ppo.kl), None)
+        finally:
+            T.P.ppo_policy_loss = real_loss
+        return metrics, seen
+
+    free, micro = one_step(None)
+    assert len(micro) == 4 and free["policy/updates"] == 2 and free["policy/early_stop"] == 0
+    assert free["objective/kl"] == free["objective/kl_k3"] != free["objective/kl_k1"]
+    assert all(math.isfinite(free[k]) for k in ("objective/kl_k1", "objective/kl_k3", "objective/rlhf_reward"))
+    second = (micro[2] + micro[3]) / 2  # the second mini-batch's approx-KL (the first is 0: ratio 1)
+    assert max(micro[:2]) < 1e-10 and second > 1e-6
+    above, _ = one_step(1.5 * second)
+    assert above["policy/early_stop"] == 0 and above["policy/updates"] == 2
+    below, seen_below = one_step(0.75 * second)
+    assert below["policy/early_stop"] == 1 and below["policy/updates"] == 2
+    assert seen_below == pytest.approx(micro, rel=1e-6)  # the same step up to the stop: the same rollout
