@@ -296,7 +296,7 @@ def test_last_token_index_and_shape_checks_by_hand() -> None:
             ppo.logprobs_from_logits(torch.zeros(2, 3, 5), torch.zeros(labels_shape, dtype=torch.long))
     with pytest.raises(ValueError, match=r"scores \(3,\) must be \(B,\) with B = 2$"):
         ppo.per_token_rewards(torch.ones(3), torch.zeros(2, 4), 0.1, torch.ones(2, 4, dtype=torch.bool))
-    for values_shape, mask_shape in (((2, 2), (2, 3)), ((2, 3), (2, 4)), ((2, 3), (2, 2))):
+    for values_shape, mask_shape in (((2, 2), (2, 3)), ((2, 3), (2, 4)), ((2, 3), (2, 2)), ((2, 4), (2, 4))):
         with pytest.raises(ValueError, match="must all be"):
             ppo.gae(torch.zeros(2, 3), torch.zeros(values_shape), torch.ones(mask_shape, dtype=torch.bool), 1.0, 1.0)
     # chunking: the last chunk may be shorter than chunk_size

@@ -41,10 +41,37 @@ def cut_first_row(policy) -> None:
         roll = real_rollout(*a, **k)
         keep = roll.response_mask.clone()
         n0 = int(keep[0].sum())
+        assert n0 >= 3, "row 0 of this seed's rollout is too short to cut"
         keep[0, n0 - 2 :] = 0
         ids = torch.where(keep.bool(), roll.response_ids, torch.full_like(roll.response_ids, policy.pad_token_id))
         return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=roll.logprobs * keep,
                                    values=roll.values * keep, entropy=roll.entropy * keep)
+
+    policy.rollout = rollout
+
+
+def edge_rows(policy) -> None:
+    """The policy's rollouts end with two edge cases of the length guard, re-scored by the policy itself (so the
+    behaviour logprobs and values stay those of the tokens in the batch): row 0 is a lone EOS (one token, which is
+    the EOS: no content), row 1 is cut two tokens short and its last token replaced by an id below the EOS id (no
+    EOS at its end: every token is content)."""
+    real_rollout = policy.rollout
+    eos = policy.eos_token_id
+    assert eos > 0, "the test needs a token id below the EOS id"
+
+    def rollout(query_ids, query_mask, gen, *a, **k):
+        roll = real_rollout(query_ids, query_mask, gen, *a, **k)
+        keep, ids = roll.response_mask.clone(), roll.response_ids.clone()
+        keep[0], ids[0] = 0, policy.pad_token_id
+        keep[0, 0], ids[0, 0] = 1, eos
+        n1 = int(keep[1].sum())
+        assert n1 >= 3, "row 1 of this seed's rollout is too short to cut"
+        keep[1, n1 - 2 :], ids[1, n1 - 2 :] = 0, policy.pad_token_id
+        ids[1, n1 - 3] = eos - 1
+        with torch.no_grad():
+            lp, v, ent = policy.forward(query_ids, query_mask, ids, keep, with_entropy=True,
+                                        temperature=gen.temperature, sampled_from=roll.sampled_from)
+        return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=lp, values=v, entropy=ent)
 
     policy.rollout = rollout
 
@@ -74,7 +101,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
         seen["w0"] = [p.detach().clone() for p in policy_.trainable_parameters()]
         return real_update(cfg_, policy_, opt, step, q, qm, r, rm, old_lp, old_v, adv, ret, *rest, **kw)
 
-    cut_first_row(policy)
+    edge_rows(policy)
     monkeypatch.setattr(policy, "ref_logprobs", ref_spy)
     monkeypatch.setattr(T, "ppo_update", update_spy)
     scorer = WordScorer()
@@ -88,10 +115,11 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
 
     rm, old_lp, old_v, ref = seen["rm"], seen["old_lp"].double(), seen["old_v"].double(), seen["ref"].double()
     scores = scores_seen[0].scores.double().tolist()
-    adv_raw, ret_want, seq_kl, flat, short = [], [], [], [], 0
+    adv_raw, ret_want, seq_kl, seq_k3, flat, short = [], [], [], [], [], 0
     for i in range(rm.shape[0]):
         n = int(rm[i].sum())
         k1 = [float(old_lp[i, t] - ref[i, t]) for t in range(n)]
+        seq_k3.append(sum(math.exp(-k) - 1 + k for k in k1))  # (r - 1) - log r, r = ref / policy = exp(-k1)
         rewards = [-COEF * k for k in k1]
         # the length guard counts the response's tokens without a final EOS (a truncated row has none)
         content = n - int(int(seen["r"][i, n - 1]) == policy.eos_token_id)
@@ -116,6 +144,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     mean_kl = sum(seq_kl) / len(seq_kl)
     assert metrics["objective/kl"] == pytest.approx(mean_kl, abs=1e-5)
     assert metrics["objective/kl_coef"] == COEF
+    assert metrics["objective/kl_k3"] == pytest.approx(sum(seq_k3) / len(seq_k3), abs=1e-5)
     assert metrics["env/length_penalty_rows"] == pytest.approx(short / rm.shape[0])
     err = min(max(mean_kl / TARGET - 1.0, -0.2), 0.2)
     assert kl_ctl.value == pytest.approx(COEF * (1 + err * 4 / HORIZON), rel=1e-6)
@@ -144,6 +173,8 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
     policy.set_train(False)
     grads = torch.autograd.grad(total, params)
     assert max(float(gr.abs().max()) for gr in grads) > 1e-4
+    norm = math.sqrt(sum(float(gr.double().square().sum()) for gr in grads))  # what clip_grad_norm_ measured
+    assert metrics["policy/grad_norm"] == pytest.approx(norm, rel=1e-4)
     for w0, gr, got in zip(seen["w0"], grads, w1, strict=True):
         torch.testing.assert_close(got, w0 - LR * gr, rtol=0.0, atol=1e-6)
     assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["policy/updates"] == 1.0
@@ -191,3 +222,21 @@ def test_early_stop_reads_the_mean_approx_kl_of_a_mini_batch(tiny_models) -> Non
     below, seen_below = one_step(0.75 * second)
     assert below["policy/early_stop"] == 1 and below["policy/updates"] == 2
     assert seen_below == pytest.approx(micro, rel=1e-6)  # the same step up to the stop: the same rollout
+
+
+def test_a_non_finite_loss_stops_the_step_and_names_the_epoch(tiny_models, monkeypatch) -> None:
+    torch.set_num_threads(1)
+    cfg = make_cfg(tiny_models, "t5", "ppo.ppo_epochs=2")
+    policy = fresh_policy(cfg)
+    real_loss = T.P.ppo_policy_loss
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(*a, **k):  # epoch 1 has batch_size / mini_batch_size = 2 mini-batches
+        calls["n"] += 1
+        loss, pg = real_loss(*a, **k)
+        return (loss * float("nan") if calls["n"] > 2 else loss), pg
+
+    monkeypatch.setattr(T.P, "ppo_policy_loss", nan_in_epoch_2)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.01)
+    with pytest.raises(T.TrainingError, match=r"step 1: PPO loss \(epoch 2\) are not finite"):
+        T.ppo_step(cfg, policy, WordScorer(), PROMPTS, 1, opt, T.make_kl_controller(cfg.ppo.kl), None)
