@@ -286,6 +286,7 @@ def test_masked_mean_of_one_token_and_of_none() -> None:
     mask = torch.tensor([[0, 1, 0], [0, 0, 0]])
     assert ppo.masked_mean(x, mask, dim=1).tolist() == [5.0, 0.0]  # one token: its value; none: 0, not NaN
     assert ppo.masked_mean(x, mask).item() == 5.0
+    assert ppo.masked_mean(x, torch.zeros_like(mask)).item() == 0.0
 
 
 def test_last_token_index_and_shape_checks_by_hand() -> None:
@@ -294,9 +295,10 @@ def test_last_token_index_and_shape_checks_by_hand() -> None:
     for labels_shape in ((2, 4), (2, 2), (3, 3)):  # longer, shorter, more rows: every mismatch is refused
         with pytest.raises(ValueError, match="disagree"):
             ppo.logprobs_from_logits(torch.zeros(2, 3, 5), torch.zeros(labels_shape, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"scores \(3,\) must be \(B,\) with B = 2$"):
-        ppo.per_token_rewards(torch.ones(3), torch.zeros(2, 4), 0.1, torch.ones(2, 4, dtype=torch.bool))
-    for values_shape, mask_shape in (((2, 2), (2, 3)), ((2, 3), (2, 4)), ((2, 3), (2, 2)), ((2, 4), (2, 4))):
+    for n in (3, 1):  # more scores than rows, and fewer
+        with pytest.raises(ValueError, match=rf"scores \({n},\) must be \(B,\) with B = 2$"):
+            ppo.per_token_rewards(torch.ones(n), torch.zeros(2, 4), 0.1, torch.ones(2, 4, dtype=torch.bool))
+    for values_shape, mask_shape in (((2, 2), (2, 3)), ((2, 3), (2, 4)), ((2, 3), (2, 2)), ((2, 4), (2, 4)), ((2, 2), (2, 2))):
         with pytest.raises(ValueError, match="must all be"):
             ppo.gae(torch.zeros(2, 3), torch.zeros(values_shape), torch.ones(mask_shape, dtype=torch.bool), 1.0, 1.0)
     # chunking: the last chunk may be shorter than chunk_size

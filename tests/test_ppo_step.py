@@ -54,7 +54,7 @@ def edge_rows(policy) -> None:
     """The policy's rollouts end with two edge cases of the length guard, re-scored by the policy itself (so the
     behaviour logprobs and values stay those of the tokens in the batch): row 0 is a lone EOS (one token, which is
     the EOS: no content), row 1 is cut two tokens short and its last token replaced by an id below the EOS id (no
-    EOS at its end: every token is content)."""
+    EOS at its end: every token is content), row 2 is two tokens of which the second is EOS (one token of content)."""
     real_rollout = policy.rollout
     eos = policy.eos_token_id
     assert eos > 0, "the test needs a token id below the EOS id"
@@ -68,6 +68,10 @@ def edge_rows(policy) -> None:
         assert n1 >= 3, "row 1 of this seed's rollout is too short to cut"
         keep[1, n1 - 2 :], ids[1, n1 - 2 :] = 0, policy.pad_token_id
         ids[1, n1 - 3] = eos - 1
+        n2 = int(keep[2].sum())
+        assert n2 >= 2, "row 2 of this seed's rollout is too short"
+        keep[2, 2:], ids[2, 2:] = 0, policy.pad_token_id
+        ids[2, 1] = eos
         with torch.no_grad():
             lp, v, ent = policy.forward(query_ids, query_mask, ids, keep, with_entropy=True,
                                         temperature=gen.temperature, sampled_from=roll.sampled_from)
