@@ -244,3 +244,30 @@ def test_a_non_finite_loss_stops_the_step_and_names_the_epoch(tiny_models, monke
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.01)
     with pytest.raises(T.TrainingError, match=r"step 1: PPO loss \(epoch 2\) are not finite"):
         T.ppo_step(cfg, policy, WordScorer(), PROMPTS, 1, opt, T.make_kl_controller(cfg.ppo.kl), None)
+
+
+def test_each_rank_steps_the_kl_controller_by_the_global_batch(tiny_models) -> None:
+    """Rank 0 of two: the controller moves by ``batch_size x world_size`` samples a step (every rank sees the same
+    mean KL and takes the same step). The other rank is stood in for by an identity all-reduce: a rank whose peer
+    had the same numbers."""
+    from detoxflow.models import distributed
+
+    class SoloOfTwo(distributed.Dist):
+        def barrier(self) -> None: ...
+        def average_gradients_(self, params) -> None: ...
+        def mean(self, value: float) -> float:
+            return value
+
+        def mean_metrics(self, metrics):
+            return dict(metrics)
+
+    torch.set_num_threads(1)
+    cfg = make_cfg(tiny_models, "t5", f"ppo.kl.init_coef={COEF}", f"ppo.kl.target={TARGET}",
+                   f"ppo.kl.horizon={HORIZON}", "ppo.batch_size=2", "ppo.mini_batch_size=2")
+    policy = fresh_policy(cfg)
+    kl_ctl = T.make_kl_controller(cfg.ppo.kl)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.01)
+    metrics = T.ppo_step(cfg, policy, WordScorer(), PROMPTS, 1, opt, kl_ctl, None, dist=SoloOfTwo(rank=0, world_size=2))
+    err = min(max(metrics["objective/kl"] / TARGET - 1.0, -0.2), 0.2)
+    assert err != 0.0
+    assert kl_ctl.value == pytest.approx(COEF * (1 + err * (2 * 2) / HORIZON), rel=1e-9)
