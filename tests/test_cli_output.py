@@ -283,7 +283,7 @@ def test_default_run_prints_a_table_in_at_most_25_lines(tmp_path: Path, prefect_
         proc_ui.wait(timeout=30)
 
 
-def _invoke(*args: str):
+def invoke(*args: str):
     """``detoxflow ARGS`` in this process (no interpreter start-up per command); the console handler it adds is
     taken off again."""
     from typer.testing import CliRunner
@@ -297,6 +297,20 @@ def _invoke(*args: str):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def no_json(text: str) -> None:
+    assert not text.lstrip().startswith(("{", "[")) and '"toxicity_before":' not in text, text
+
+
+def json_and_table(*args: str) -> tuple[dict, str]:
+    """``detoxflow ARGS --json`` parsed, and the stdout of ``detoxflow ARGS`` (checked to hold no JSON)."""
+    as_json = invoke(*args, "--json")
+    assert as_json.exit_code == 0, as_json.stderr[-3000:] + repr(as_json.exception)
+    table = invoke(*args)
+    assert table.exit_code == 0, table.stderr[-3000:] + repr(table.exception)
+    no_json(table.stdout)
+    return json.loads(as_json.stdout), table.stdout
 
 
 def _row(label: str, *values: str) -> re.Pattern[str]:
@@ -322,11 +336,8 @@ def test_train_evaluate_promote_print_a_table_and_json_only_with_the_flag(
     sets = [a for s in SMALL for a in ("--set", s)]
     store = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
 
-    def no_json(text: str) -> None:
-        assert not text.lstrip().startswith(("{", "[")) and '"toxicity_before":' not in text, text
-
     # train: the table's figures are the run's own result, as the run recorded it in MLflow
-    train = _invoke("train", *sets)
+    train = invoke("train", *sets)
     assert train.exit_code == 0, train.stderr[-3000:] + repr(train.exception)
     no_json(train.stdout)
     (run,) = store.search_runs([e.experiment_id for e in store.search_experiments()])
@@ -343,37 +354,27 @@ def test_train_evaluate_promote_print_a_table_and_json_only_with_the_flag(
 
     # evaluate: --json parses, and the table shows the same figures
     model = f"runs:/{run_id}/model"
-    as_json = _invoke("evaluate", "--model", model, *sets, "--json")
-    assert as_json.exit_code == 0, as_json.stderr[-3000:] + repr(as_json.exception)
-    ev = json.loads(as_json.stdout)
-    table = _invoke("evaluate", "--model", model, *sets)
-    assert table.exit_code == 0, table.stderr[-3000:] + repr(table.exception)
-    no_json(table.stdout)
+    ev, table = json_and_table("evaluate", "--model", model, *sets)
     before, after = ev["baseline_metrics"], ev["metrics"]
     rel = (ev["toxicity_after"] - ev["toxicity_before"]) / ev["toxicity_before"]
     assert ev["toxicity_before"] == before["eval/toxicity_mean"] and ev["relative_change"] == pytest.approx(rel)
     assert _row("toxicity", f"{ev['toxicity_before']:.4f}", f"{ev['toxicity_after']:.4f}",
-                f"{ev['relative_change'] * 100:+.1f}%").search(table.stdout), table.stdout
-    assert _row("ROUGE-L", f"{before['eval/rouge_l']:.3f}", f"{after['eval/rouge_l']:.3f}").search(table.stdout)
+                f"{ev['relative_change'] * 100:+.1f}%").search(table), table
+    assert _row("ROUGE-L", f"{before['eval/rouge_l']:.3f}", f"{after['eval/rouge_l']:.3f}").search(table)
     assert _row("length (tokens)", f"{before['eval/length_mean']:.1f}", f"{after['eval/length_mean']:.1f}").search(
-        table.stdout), table.stdout
+        table), table
 
     # promote: a version of that run, gated; --json and the table agree on the decision, rules and aliases
     cfg = load_config(None, SMALL)
     version = tracking.register_model(cfg, run_id, metrics=s)
     uri = f"models:/{cfg.registered_model_name}/{version}"
-    as_json = _invoke("promote", "--model", uri, *sets, "--json")
-    assert as_json.exit_code == 0, as_json.stderr[-3000:] + repr(as_json.exception)
-    gate = json.loads(as_json.stdout)
-    table = _invoke("promote", "--model", uri, *sets)
-    assert table.exit_code == 0, table.stderr[-3000:] + repr(table.exception)
-    no_json(table.stdout)
+    gate, table = json_and_table("promote", "--model", uri, *sets)
     assert gate["decision"] in ("promoted", "rejected") and gate["version"] == version
-    assert f"{cfg.registered_model_name} v{version}: {gate['decision']}" in table.stdout
+    assert f"{cfg.registered_model_name} v{version}: {gate['decision']}" in table
     registered = store.get_model_version(cfg.registered_model_name, version)
     assert gate["aliases"] == sorted(registered.aliases) and "challenger" in gate["aliases"]
-    assert f"aliases of v{version}: {', '.join(gate['aliases'])}" in table.stdout
+    assert f"aliases of v{version}: {', '.join(gate['aliases'])}" in table
     assert ("champion" in gate["aliases"]) == (gate["decision"] == "promoted")
     for reason in gate["reasons"]:
-        assert reason.split(":")[0] in table.stdout
-    assert _row("toxicity", f"{gate['toxicity_before']:.4f}", f"{gate['toxicity_after']:.4f}").search(table.stdout)
+        assert reason.split(":")[0] in table
+    assert _row("toxicity", f"{gate['toxicity_before']:.4f}", f"{gate['toxicity_after']:.4f}").search(table)

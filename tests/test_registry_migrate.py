@@ -10,12 +10,12 @@ version; ``--dry-run`` changes nothing; a second run changes nothing and says so
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from servers import migrated_sqlite_store, store_work_dir
+from test_cli_output import invoke
 
 from detoxflow.config import Config, LoraSection, ModelConfig
 
@@ -65,19 +65,7 @@ def register_the_old_way(cfg: Config, folder: Path) -> str:
     return version
 
 
-def cli(*args: str):
-    """``detoxflow ARGS`` in this process; the console handler it adds is taken off again."""
-    from typer.testing import CliRunner
-
-    from detoxflow.cli import app
-
-    root = logging.getLogger()
-    saved = list(root.handlers), root.level
-    try:
-        return CliRunner().invoke(app, list(args))
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
+cli = invoke  # detoxflow ARGS in this process
 
 
 def test_migrate_makes_an_old_version_an_mlflow_model_with_its_weights_tags_and_aliases(cfg, old_folder):
