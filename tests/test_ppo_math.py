@@ -192,6 +192,11 @@ def test_gae_handles_gaps_inside_the_mask() -> None:
     torch.testing.assert_close(adv[0, [0, 2, 3]], torch.tensor(exp))
 
 
+def test_whitening_a_constant_gives_zeros_not_nan() -> None:
+    out = ppo.masked_whiten(torch.full((2, 3), 4.0), torch.ones(2, 3))
+    assert torch.equal(out, torch.zeros(2, 3))
+
+
 def test_whiten_gives_zero_mean_unit_variance_on_mask() -> None:
     x = torch.randn(3, 8) * 5 + 2
     mask = torch.rand(3, 8) > 0.3
@@ -329,6 +334,10 @@ def test_policy_and_value_loss_by_hand_on_every_branch() -> None:
     assert float(vloss) == pytest.approx(0.5 * (1 + 1 + 0.04) / 3)
     assert float(vst["clipfrac"]) == pytest.approx(1 / 3)
     assert float(vst["vpred"]) == pytest.approx(0.5)
+    # the clip range is around the OLD value: v 0.6 with v_old 0.5 moved 0.1 < 0.2, so nothing is clipped
+    vloss, vst = ppo.clipped_value_loss(torch.tensor([[0.6]]), torch.tensor([[0.5]]), torch.tensor([[0.0]]),
+                                        torch.ones(1, 1), 0.2)
+    assert float(vloss) == pytest.approx(0.5 * 0.36) and float(vst["clipfrac"]) == 0.0
 
 
 def test_adaptive_kl_controller_by_hand() -> None:
