@@ -271,3 +271,35 @@ def test_each_rank_steps_the_kl_controller_by_the_global_batch(tiny_models) -> N
     err = min(max(metrics["objective/kl"] / TARGET - 1.0, -0.2), 0.2)
     assert err != 0.0
     assert kl_ctl.value == pytest.approx(COEF * (1 + err * (2 * 2) / HORIZON), rel=1e-9)
+
+
+def test_whitened_rewards_keep_their_mean(tiny_models, monkeypatch) -> None:
+    """``ppo.whiten_rewards``: GAE gets the per-token rewards scaled to unit variance over the response tokens with
+    their mean kept (``(r - m) / sqrt(var + 1e-8) + m``, unbiased variance), computed here in float64 loops."""
+    torch.set_num_threads(1)
+    cfg = make_cfg(tiny_models, "t5", "ppo.whiten_rewards=true", "ppo.mini_batch_size=4")
+    policy = fresh_policy(cfg)
+    seen: dict = {}
+    real_rewards, real_gae = T.P.per_token_rewards, T.P.gae
+
+    def rewards_spy(*a, **k):
+        seen["raw"] = real_rewards(*a, **k)
+        return seen["raw"]
+
+    def gae_spy(rewards, values, mask, *a, **k):
+        seen["gae_in"], seen["mask"] = rewards, mask
+        return real_gae(rewards, values, mask, *a, **k)
+
+    monkeypatch.setattr(T.P, "per_token_rewards", rewards_spy)
+    monkeypatch.setattr(T.P, "gae", gae_spy)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.01)
+    T.ppo_step(cfg, policy, WordScorer(), PROMPTS, 1, opt, T.make_kl_controller(cfg.ppo.kl), None)
+    mask = seen["mask"].bool()
+    flat = [float(x) for x in seen["raw"].double()[mask]]
+    mean = sum(flat) / len(flat)
+    var = sum((x - mean) ** 2 for x in flat) / (len(flat) - 1)
+    want = [(x - mean) / (var + 1e-8) ** 0.5 + mean for x in flat]
+    assert abs(mean) > 1e-3  # a mean to keep
+    torch.testing.assert_close(seen["gae_in"].double()[mask], torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.all(seen["gae_in"][~mask] == 0)
