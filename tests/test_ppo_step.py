@@ -33,35 +33,52 @@ def naive_gae(rewards: list[float], values: list[float]) -> list[float]:
     return adv
 
 
-def cut_first_row(policy) -> None:
-    """The policy's rollouts cut row 0 two tokens short (no EOS): every batch has padding, so every mask matters."""
+def move_adapter(policy) -> None:
+    """LoRA B set to seeded random values: policy and reference differ, so the KL terms are not 0."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def rewrite_rollouts(policy, edit) -> None:
+    """The policy's rollouts with ``edit(ids, keep)`` applied in place to their response ids and mask, then
+    re-scored by the policy itself, so the behaviour logprobs, values and entropy stay those of the tokens in the
+    batch."""
     real_rollout = policy.rollout
-
-    def rollout(*a, **k):
-        roll = real_rollout(*a, **k)
-        keep = roll.response_mask.clone()
-        n0 = int(keep[0].sum())
-        assert n0 >= 3, "row 0 of this seed's rollout is too short to cut"
-        keep[0, n0 - 2 :] = 0
-        ids = torch.where(keep.bool(), roll.response_ids, torch.full_like(roll.response_ids, policy.pad_token_id))
-        return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=roll.logprobs * keep,
-                                   values=roll.values * keep, entropy=roll.entropy * keep)
-
-    policy.rollout = rollout
-
-
-def edge_rows(policy) -> None:
-    """The policy's rollouts end with two edge cases of the length guard, re-scored by the policy itself (so the
-    behaviour logprobs and values stay those of the tokens in the batch): row 0 is a lone EOS (one token, which is
-    the EOS: no content), row 1 is cut two tokens short and its last token replaced by an id below the EOS id (no
-    EOS at its end: every token is content), row 2 is two tokens of which the second is EOS (one token of content)."""
-    real_rollout = policy.rollout
-    eos = policy.eos_token_id
-    assert eos > 0, "the test needs a token id below the EOS id"
 
     def rollout(query_ids, query_mask, gen, *a, **k):
         roll = real_rollout(query_ids, query_mask, gen, *a, **k)
         keep, ids = roll.response_mask.clone(), roll.response_ids.clone()
+        edit(ids, keep)
+        with torch.no_grad():
+            lp, v, ent = policy.forward(query_ids, query_mask, ids, keep, with_entropy=True,
+                                        temperature=gen.temperature, sampled_from=roll.sampled_from)
+        return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=lp, values=v, entropy=ent)
+
+    policy.rollout = rollout
+
+
+def cut_first_row(policy) -> None:
+    """The policy's rollouts cut row 0 two tokens short (no EOS): every batch has padding, so every mask matters."""
+
+    def edit(ids, keep) -> None:
+        n0 = int(keep[0].sum())
+        assert n0 >= 3, "row 0 of this seed's rollout is too short to cut"
+        keep[0, n0 - 2 :], ids[0, n0 - 2 :] = 0, policy.pad_token_id
+
+    rewrite_rollouts(policy, edit)
+
+
+def edge_rows(policy) -> None:
+    """The policy's rollouts end with edge cases of the length guard: row 0 is a lone EOS (one token, which is
+    the EOS: no content), row 1 is cut two tokens short and its last token replaced by an id below the EOS id (no
+    EOS at its end: every token is content), row 2 is two tokens of which the second is EOS (one token of content)."""
+    eos = policy.eos_token_id
+    assert eos > 0, "the test needs a token id below the EOS id"
+
+    def edit(ids, keep) -> None:
         keep[0], ids[0] = 0, policy.pad_token_id
         keep[0, 0], ids[0, 0] = 1, eos
         n1 = int(keep[1].sum())
@@ -72,12 +89,8 @@ def edge_rows(policy) -> None:
         assert n2 >= 2, "row 2 of this seed's rollout is too short"
         keep[2, 2:], ids[2, 2:] = 0, policy.pad_token_id
         ids[2, 1] = eos
-        with torch.no_grad():
-            lp, v, ent = policy.forward(query_ids, query_mask, ids, keep, with_entropy=True,
-                                        temperature=gen.temperature, sampled_from=roll.sampled_from)
-        return dataclasses.replace(roll, response_ids=ids, response_mask=keep, logprobs=lp, values=v, entropy=ent)
 
-    policy.rollout = rollout
+    rewrite_rollouts(policy, edit)
 
 
 def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
@@ -88,11 +101,7 @@ def test_one_step_by_hand(tiny_models, monkeypatch, tmp_path: Path) -> None:
                    "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e6", "generation.min_new_tokens=0", "lora.dropout=0.0",
                    f"ppo.length_penalty={PENALTY}", f"ppo.min_length={MIN_LEN}")
     policy = fresh_policy(cfg)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # a moved adapter: policy and reference differ, so the KL terms are not 0
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    move_adapter(policy)
     seen: dict = {}
     real_ref, real_update = policy.ref_logprobs, T.ppo_update
 
@@ -198,6 +207,7 @@ def test_early_stop_reads_the_mean_approx_kl_of_a_mini_batch(tiny_models) -> Non
                        "ppo.kl.estimator=k3", "lora.dropout=0.0",
                        f"ppo.target_approx_kl={'null' if target is None else target}")
         policy = fresh_policy(cfg)
+        move_adapter(policy)
         cut_first_row(policy)
         seen: list[float] = []
         real_loss = T.P.ppo_policy_loss
