@@ -345,16 +345,25 @@ PREFECT_AUTH: dict[str, str] = {}
 def prefect_api(api_url: str, method: str, path: str, body: dict | None = None) -> dict | list:
     """One call of the Prefect server's REST API (no client settings involved: the test names the server).
 
-    Sends the credentials and CSRF token of a stack started by :func:`team_stack`, if `api_url` is one's."""
+    Sends the credentials and CSRF token of a stack started by :func:`team_stack`, if `api_url` is one's. A busy
+    server's 429 / 502 / 503 is retried with backoff, as Prefect's own client does (on a loaded machine its
+    SQLite answers 503 while another writer holds it)."""
     import json
 
     from detoxflow.team.auth import prefect_headers
 
-    req = urllib.request.Request(f"{api_url}/{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers=prefect_headers(api_url, method, PREFECT_AUTH.get(api_url)))
-    with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 (test-only, 127.0.0.1)
-        return json.loads(resp.read())
+    for attempt in range(6):
+        req = urllib.request.Request(f"{api_url}/{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers=prefect_headers(api_url, method, PREFECT_AUTH.get(api_url)))
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:  # noqa: S310 (test-only, 127.0.0.1)
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == 5:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def create_deployment_run(api_url: str, name: str, parameters: dict) -> dict:

@@ -20,15 +20,13 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from servers import ManagedProcess, free_port, http_ok, wait_until
+from servers import ManagedProcess, free_port, http_ok, prefect_api, wait_until
 
 from detoxflow.config import Config, ConfigError, load_config
 from detoxflow.tasks.config_source import ConfigFile, ConfigSource, resolve_config
@@ -154,20 +152,7 @@ class Api:
         self.url = url
 
     def __call__(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One call; a busy server's 429 / 502 / 503 is retried with backoff, as Prefect's own client does
-        (a loaded machine's SQLite answers 503 while another writer holds it)."""
-        for attempt in range(6):
-            req = urllib.request.Request(
-                self.url + path, method=method, headers={"content-type": "application/json"},
-                data=json.dumps(body).encode() if body is not None else None,
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (127.0.0.1)
-                    return json.load(resp)
-            except urllib.error.HTTPError as e:
-                if e.code not in (429, 502, 503) or attempt == 5:
-                    raise
-                time.sleep(2**attempt)
+        return prefect_api(self.url, method, path.lstrip("/"), body)
 
     def runs_of(self, deployment_id: str, states: list[str] | None = None) -> list[dict[str, Any]]:
         flt: dict[str, Any] = {"deployments": {"id": {"any_": [deployment_id]}}}
