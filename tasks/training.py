@@ -244,7 +244,9 @@ def launch_command(cfg: Config, config_json: Path, run_id: str, work_key: str, r
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(accelerate_config(cfg)),
         "--num_processes", str(cfg.orchestration.train_processes),
-        "--main_process_port", "0",  # a free port: several launches may share a machine
+        # a free port, chosen here: several launches may share a machine, and torch 2.6's elastic agent hands a
+        # port of 0 to the ranks as it is (they then wait for a store that never listens)
+        "--main_process_port", str(children.free_port()),
         "-m", "detoxflow.cli", "train-rank",
         "--config-json", str(config_json), "--run-id", run_id, "--work-key", work_key, "--result", str(result_json),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,11 @@ def test_launch_command_runs_accelerate_on_the_cpu_config(tmp_path: Path, monkey
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--config_file") + 1] == str(ROOT / "infra/accelerate/ddp-cpu.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "3"
+    # a real, free port: torch 2.6's elastic agent passes a port of 0 to the ranks unchanged, and they hang
+    port = int(cmd[cmd.index("--main_process_port") + 1])
+    assert port > 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
     assert cmd[cmd.index("-m", 3) + 1 : cmd.index("-m", 3) + 3] == ["detoxflow.cli", "train-rank"]
     assert cmd[-2:] == ["--expected-train-digest", "abcd"]
     monkeypatch.setenv(ACCELERATE_CONFIG_ENV, str(tmp_path / "missing.yaml"))

@@ -17,6 +17,7 @@ One concern per module:
 HTTP goes through :mod:`detoxflow.net`, shared with `detoxflow doctor`. The names below are the public API.
 """
 
+from detoxflow.children import free_port
 from detoxflow.net import http_get
 from detoxflow.team.postgres import DATABASES, DB_USER, PostgresServer, postgres_bin_dir
 from detoxflow.team.prefect_admin import DEFAULT_POOLS, deploy_all, ensure_pools, find_project_root, prefect_api_url
@@ -24,7 +25,6 @@ from detoxflow.team.processes import (
     ManagedProcess,
     TeamError,
     console_script,
-    free_port,
     port_in_use,
     wait_until,
 )

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from detoxflow.children import free_port
 from detoxflow.net import http_get
 from detoxflow.paths import HOME_ENV, PROJECT_ROOT
 from detoxflow.team import auth
@@ -35,7 +36,6 @@ from detoxflow.team.processes import (
     ManagedProcess,
     TeamError,
     console_script,
-    free_port,
     port_in_use,
     run_command,
     wait_until,
