@@ -37,7 +37,8 @@ test: install lint
 	$(VENV)/bin/python -m pytest -q
 
 # The suite at the floor of every range in pyproject.toml (each "name>=X" pinned to X, the rest resolved by pip),
-# in its own venv: the floors claim only what this ran. Not part of `make test`. Torch's floor comes from PyPI
+# in its own venv: the floors claim only what this ran. Not part of `make test`. Its own PREFECT_HOME: a Prefect
+# database that a newer Prefect migrated is one an older Prefect cannot open. Torch's floor comes from PyPI
 # (a CUDA build); PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU one.
 FLOOR_VENV ?= .venv-floor
 FLOOR_PINS = import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
@@ -49,7 +50,7 @@ test-floor:
 	python3 -c '$(FLOOR_PINS)' > $(FLOOR_VENV)/floor-pins.txt
 	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floor-pins.txt -e ".[dev]"
 	$(FLOOR_VENV)/bin/python -m pip check
-	$(FLOOR_VENV)/bin/python -m pytest -q
+	PREFECT_HOME=$(abspath $(FLOOR_VENV))/prefect-home $(FLOOR_VENV)/bin/python -m pytest -q
 
 # Known vulnerabilities in the installed (pinned) set: pip-audit asks PyPI's JSON API (AUDIT_SERVICE=osv: OSV).
 # --strict: a package the service does not answer for fails the audit (without it, pip-audit skips such

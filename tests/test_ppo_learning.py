@@ -3,14 +3,16 @@
 The toy reward, :class:`TokenShare`: the share of a response's tokens (the response text re-encoded with the
 policy's tokenizer) that are one chosen token, ``" idiot"`` for the T5-style model and ``" agrees"`` for the
 GPT-2-style one (tokens these random models already emit now and then, 1-5% of their tokens). Settings: LoRA r=8,
-8 new tokens, 16 prompts per step in mini-batches of 8, 2 epochs, learning rate 0.03, one torch thread.
+8 new tokens, 16 prompts per step in mini-batches of 8, 2 epochs, learning rate 0.02, one torch thread.
 
 - "PPO learns": with no KL penalty the reward goes from <= X = 0.1 (the mean of steps 1-3) to >= Y = 0.3 (the
-  mean of steps N-2..N) within N = 20 steps, for both architectures (measured at 1 thread: T5 0.052 -> 0.460,
-  GPT-2 0.028 -> 0.570);
+  mean of steps N-2..N) within N = 30 steps, for both architectures (measured at 1 thread, torch 2.13 / 2.6:
+  T5 0.031 -> 0.449 / 0.430, GPT-2 0.026 -> 0.667 / 0.634). The setting holds beyond one seed: seeds 0-3 end at
+  0.43-0.50 (T5) and 0.63-0.71 (GPT-2) on both torch versions, where learning rate 0.03 and 20 steps, the
+  earlier setting, left GPT-2 at 0.02-0.26 on torch 2.6;
 - "the KL leash holds": after 12 steps, KL coefficient 0 lets the policy drift beyond 4 nats per sequence
   from the reference, a fixed coefficient of 1.0 keeps it under 2.0
-  (measured at 1 thread: 6.15 and 1.35; a larger coefficient does not go much lower, as whitened advantages
+  (measured at 1 thread, torch 2.13 / 2.6: 6.39 / 6.25 and 0.69 / 0.98; a larger coefficient does not go much lower, as whitened advantages
   give every step the same size whatever the reward scale). KL is measured here, not read from the
   trainer's logs: the exact KL of the next-token distributions (adapter on vs off, plain HF calls) summed
   along responses sampled from the trained policy.
@@ -36,7 +38,8 @@ from detoxflow.models.trainer import train
 PROMPTS = [f"person one says the order {i} arrived late and the manager {w}" for i, w in enumerate(
     ["agrees", "says thanks", "asks", "tells the doctor", "wants a refund", "is lovely", "meeting friday", "report"])]
 TARGET = {"t5": " idiot", "gpt2": " agrees"}
-X, Y, N = 0.1, 0.3, 20
+X, Y, N = 0.1, 0.3, 30
+LR = 0.02
 LEASH_STEPS, LEASH_COEF, LEASH_BOUND, FREE_DRIFT = 12, 1.0, 2.0, 4.0
 
 
@@ -81,7 +84,7 @@ def config(model_dir: Path, steps: int, kl_coef: float) -> Config:
     return load_config(None, [
         f"model.name_or_path={model_dir}", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
         "generation.max_new_tokens=8", "generation.min_new_tokens=0",
-        "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.learning_rate=0.03",
+        "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", f"ppo.learning_rate={LR}",
         f"ppo.steps={steps}", "ppo.target_approx_kl=null", "ppo.checkpoint_every=1000",
         "ppo.kl.mode=fixed", f"ppo.kl.init_coef={kl_coef}", "seed=0",
     ])
